@@ -1,0 +1,61 @@
+"""Pieces shared by the study configs, and the `runlocal` shrink."""
+
+import ml_collections
+
+# The spatial patterns of the Jet paper's ImageNet studies, cycled over the spatial couplings.
+ALL_SPATIAL = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
+               "hstripes", "hstripes-inv")
+
+
+def jet_base(*, dataset, image_size, train_split="train", eval_split="validation"):
+  """Every key a Jet study has; studies change values, never add keys."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.dataset = dict(name=dataset, data_dir=None, image_size=image_size, train_split=train_split,
+                   eval_split=eval_split, flip=True, worker_count=0)
+  c.model = dict(ps=4, depth=32, block_depth=2, emb_dim=512, num_heads=8, scale_factor=2.0,
+                 kinds=("channels",) * 4 + ("spatial",), channel_projs=("random",),
+                 spatial_projs=ALL_SPATIAL, num_classes=0, remat="none", scan=True,
+                 dtype="float32")
+  c.label_drop_prob = 0.0
+  c.batch_size = 1024
+  c.num_epochs = 200.0
+  c.total_steps = 0                    # > 0 overrides num_epochs
+  c.optim = dict(lr=3e-4, warmup_frac=0.1, b1=0.9, b2=0.95, mu_dtype="bfloat16",
+                 weight_decay=1e-5, grad_clip=1.0)
+  c.ema_decay = 0.0                    # > 0 keeps, evaluates and saves an EMA of the params
+  c.mesh = (("data", 1), ("fsdp", -1))
+  c.sharding_rules = (("embed", "fsdp"),)
+  c.log_every = 100
+  c.eval_every = 5000
+  c.ckpt_every = 1000
+  c.keep_ckpts = 3
+  c.eval_batch_size = 1024
+  c.compare_png = False                # print PNG's bits/dim on the validation images at the end
+  c.runlocal = False                   # True: apply `local` below (a few minutes on a laptop CPU)
+  c.local = dict(model=dict(depth=4, block_depth=1, emb_dim=64, num_heads=2),
+                 batch_size=8, total_steps=5, log_every=1, eval_every=5, ckpt_every=5,
+                 eval_batch_size=64, optim=dict(mu_dtype=None))
+  return c
+
+
+def finalize(config, keep=()):
+  """Applies `config.local` when `config.runlocal`, except to the dotted keys in `keep`.
+
+  `keep` holds the keys set on the command line, so that an explicit
+  `--config.batch_size=...` wins over the shrink.
+  """
+  if not config.runlocal:
+    return config
+  with config.unlocked():
+    _merge(config, config.local.to_dict(), "", set(keep))
+  return config
+
+
+def _merge(config, overrides, prefix, keep):
+  for key, value in overrides.items():
+    name = prefix + key
+    if isinstance(value, dict):
+      _merge(config[key], value, name + ".", keep)
+    elif name not in keep:
+      config[key] = value

@@ -1,0 +1,100 @@
+"""grain pipelines: an endless shuffled train stream and one-pass eval batches.
+
+Both give each host its own slice of every global batch: global position i of
+the (shuffled) stream goes to host i % process_count, so the hosts' local
+batches of one step are disjoint and together make the global batch.
+"""
+from absl import flags
+import grain
+import numpy as np
+
+from input_pipeline import transforms
+from input_pipeline.sources import open_source
+
+
+def host_and_batch(global_batch_size: int, process_index: int | None,
+                   process_count: int | None) -> tuple[int, int, int]:
+  """(process_index, process_count, per-host batch size), defaults from JAX."""
+  if process_index is None or process_count is None:
+    import jax  # Deferred: callers passing explicit hosts need no JAX.
+    if process_index is None:
+      process_index = jax.process_index()
+    if process_count is None:
+      process_count = jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} does not divide "
+                     f"by process_count={process_count}.")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside "
+                     f"[0, {process_count}).")
+  return process_index, process_count, global_batch_size // process_count
+
+
+def make_train_iterator(*, name: str, split: str, image_size: int,
+                        global_batch_size: int, seed: int,
+                        data_dir: str | None = None, flip: bool = True,
+                        process_index: int | None = None,
+                        process_count: int | None = None,
+                        worker_count: int = 0) -> grain.DatasetIterator:
+  """Endless train batches for this host; checkpoint with get/set_state().
+
+  Batches: {"image": [B, H, W, 3] float32 in [-1, 1], "label": [B] int32}
+  with B = global_batch_size / process_count.
+  """
+  index, count, batch = host_and_batch(global_batch_size, process_index,
+                                       process_count)
+  # Two independent seeds; mixing also keeps seed s+1 from replaying the
+  # order of seed s's next epoch (grain's shuffle uses seed + epoch).
+  shuffle_seed, flip_seed = np.random.SeedSequence(seed).generate_state(2)
+  ds = grain.MapDataset.source(open_source(name, split, data_dir))
+  ds = ds.shuffle(seed=int(shuffle_seed)).repeat()  # New order every epoch.
+  ds = ds.map(transforms.DecodeExample())
+  ds = ds.map(transforms.ResizeSquare(image_size))
+  if flip:
+    # Before the host slice, so a flip depends on the global stream position
+    # only: the global batches are the same for any number of hosts.
+    ds = ds.random_map(transforms.RandomFlip(), seed=int(flip_seed))
+  ds = ds[index::count]
+  ds = ds.map(transforms.ToMinusOneOne())
+  ds = ds.batch(batch, drop_remainder=True)
+  iter_ds = ds.to_iter_dataset()
+  if worker_count > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain's worker start-up reads its absl flags; outside absl.app.run
+      # (notebooks, pytest) nobody parsed them, so take their defaults.
+      flags.FLAGS.mark_as_parsed()
+    iter_ds = iter_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(iter_ds)
+
+
+def make_eval_iterator(*, name: str, split: str, image_size: int,
+                       global_batch_size: int, data_dir: str | None = None,
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> grain.MapDataset:
+  """One pass over `split` in order; iterate it again for another pass.
+
+  Batches: {"image": [B, H, W, 3] float32, "label": [B] int32,
+  "mask": [B] float32}. The last global batch is padded with mask-0 examples
+  so all batches have one shape; every example is seen once across hosts.
+  `len()` is the number of batches.
+  """
+  index, count, batch = host_and_batch(global_batch_size, process_index,
+                                       process_count)
+  source = open_source(name, split, data_dir)
+  ds = grain.MapDataset.source(source)
+  ds = ds.map(transforms.DecodeExample())
+  ds = ds.map(transforms.ResizeSquare(image_size))
+  ds = ds.map(transforms.ToMinusOneOne())
+  ds = ds.map(transforms.AddMask())
+  num_padding = -len(source) % global_batch_size
+  if num_padding:
+    padding = grain.MapDataset.range(num_padding).map(
+        transforms.PaddingExample(image_size))
+    ds = grain.MapDataset.concatenate([ds, padding])
+  return ds[index::count].batch(batch, drop_remainder=True)
+
+
+def num_examples(name: str, split: str, data_dir: str | None = None) -> int:
+  """Number of examples in a split (before any padding or sharding)."""
+  return len(open_source(name, split, data_dir))

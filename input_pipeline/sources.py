@@ -1,0 +1,94 @@
+"""Dataset names -> random-access sources: TFDS array_record, folders."""
+import pathlib
+
+import tensorflow_datasets as tfds
+
+from input_pipeline import datasets
+from input_pipeline.image_folder import ImageFolderSource, split_root
+
+FOLDER_PREFIX = "folder:"
+
+# User-facing split name -> TFDS split name, per dataset. TFDS slicing such as
+# "validation[:10%]" keeps working: only the part before "[" is mapped.
+SPLITS = {
+    "digits": {"train": "train", "validation": "validation"},
+    "photo_patches": {"train": "train", "validation": "validation"},
+    # CIFAR-10 has no validation split: its test set is the usual stand-in.
+    "cifar10": {"train": "train", "validation": "test", "test": "test"},
+    "imagenet_resized/32x32": {"train": "train", "validation": "validation"},
+    "imagenet_resized/64x64": {"train": "train", "validation": "validation"},
+    "downsampled_imagenet/32x32": {"train": "train",
+                                   "validation": "validation"},
+    "downsampled_imagenet/64x64": {"train": "train",
+                                   "validation": "validation"},
+    # The ImageNet test split has no labels, so it is not offered.
+    "imagenet2012": {"train": "train", "validation": "validation"},
+}
+KNOWN = tuple(SPLITS) + (FOLDER_PREFIX + "/abs/path",)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A known dataset that is not prepared in the data_dir."""
+
+
+def check_name(name: str) -> None:
+  if not (name.startswith(FOLDER_PREFIX) or name in SPLITS):
+    raise ValueError(
+        f"Unknown dataset {name!r}. Known datasets: {', '.join(KNOWN)}.")
+
+
+def tfds_split(name: str, split: str) -> str:
+  """Maps a user-facing split ("validation[:50%]") to the TFDS one."""
+  base, bracket, rest = split.partition("[")
+  if base not in SPLITS[name]:
+    raise ValueError(f"Dataset {name!r} has no split {base!r}; splits: "
+                     f"{', '.join(SPLITS[name])}.")
+  return SPLITS[name][base] + bracket + rest
+
+
+def open_source(name: str, split: str, data_dir: str | None = None):
+  """Random-access source of dicts with "image" (array or bytes), "label"."""
+  check_name(name)
+  if name.startswith(FOLDER_PREFIX):
+    return ImageFolderSource(split_root(name[len(FOLDER_PREFIX):], split))
+  if name in datasets.OFFLINE:
+    prepare_offline(name, data_dir)
+  split = tfds_split(name, split)
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir,
+                            download=False)
+  except (NotImplementedError, ValueError, KeyError, FileNotFoundError) as e:
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+      raise  # Prepared but unreadable, e.g. a missing split: TFDS says why.
+    missing = how_to_prepare(name, str(builder.data_dir))
+    raise DatasetNotFoundError(missing) from e
+
+
+def prepare_offline(name: str, data_dir: str | None) -> None:
+  """Writes a pip-shipped dataset as array_record unless already there."""
+  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  if not builder.is_prepared():
+    # No GCS probing: the data is local and the machine may be offline.
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+def how_to_prepare(name: str, looked_in: str) -> str:
+  """Error text: what is missing, where we looked, how to build it."""
+  # looked_in is root/<name>[/<config>]/<version>.
+  root = pathlib.Path(looked_in).parents[name.count("/") + 1]
+  build = (f"tfds build {name} --data_dir={root} "
+           "--file_format=array_record")
+  text = (f"Dataset {name!r} is not prepared: no array_record dataset at "
+          f"{looked_in}. Prepare it with:\n  {build}")
+  if name == "imagenet2012":
+    text += (f"\nimagenet2012 needs a manual download first: put "
+             f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
+             f"https://image-net.org/download-images, registration needed) "
+             f"into {root}/downloads/manual/.")
+  elif name.startswith(("imagenet_resized", "downsampled_imagenet")):
+    text += ("\nIts files are downloaded from image-net.org, which may "
+             "require an ImageNet account.")
+  return text

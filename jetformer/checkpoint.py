@@ -1,0 +1,48 @@
+"""Orbax checkpoints: asynchronous, sharded, holding the train state and the input position.
+
+The only module that imports orbax. The state is restored onto whatever
+shardings the caller's abstract state carries, so a checkpoint written on
+one mesh restores onto another.
+"""
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(workdir, *, save_every, keep, async_save=True):
+  options = ocp.CheckpointManagerOptions(
+      save_interval_steps=save_every, max_to_keep=keep,
+      enable_async_checkpointing=async_save, create=True)
+  return ocp.CheckpointManager(f"{workdir}/checkpoints", options=options)
+
+
+def save(mgr, step, state, data_iter=None, *, force=False):
+  """Saves at `step` when the interval, a preemption or `force` says so."""
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  force = force or mgr.reached_preemption(step)
+  return mgr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(mgr, abstract_state, data_iter=None, step=None):
+  """(step, state) from the latest (or given) checkpoint, or (0, None) if none.
+
+  `abstract_state` holds jax.ShapeDtypeStructs with the target shardings;
+  `data_iter`, if given, is moved to the saved input position in place.
+  """
+  step = mgr.latest_step() if step is None else step
+  if step is None:
+    return 0, None
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iter is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = mgr.restore(step, args=ocp.args.Composite(**items))
+  return step, restored["state"]
+
+
+def abstract(state, shardings):
+  """ShapeDtypeStructs of `state` placed by `shardings` (same tree)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -1,0 +1,38 @@
+"""The optimizer: optax Adam with warm-up + cosine decay, clipping, decoupled decay."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def schedule(lr, total_steps, warmup_frac):
+  """Linear warm-up for warmup_frac of training, then cosine decay to 0."""
+  warmup = int(round(warmup_frac * total_steps))
+  return optax.warmup_cosine_decay_schedule(
+      0.0, lr, max(warmup, 1), max(total_steps, warmup + 1), end_value=0.0)
+
+
+def decay_mask(params):
+  """Weight decay on kernels only (matrices, not biases, norms or embeddings)."""
+  def is_kernel(path, _):
+    return getattr(path[-1], "key", getattr(path[-1], "name", None)) == "kernel"
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def make(*, lr, total_steps, warmup_frac=0.1, b1=0.9, b2=0.95, mu_dtype=None,
+         weight_decay=0.0, grad_clip=1.0):
+  """Adam (b2=0.95 by default, optional bfloat16 first moment) as in the Jet paper.
+
+  Weight decay is decoupled from the learning rate: each step removes
+  `weight_decay * schedule(t) / lr` of a kernel, so `weight_decay` is the
+  per-step shrink at peak learning rate whatever `lr` is.
+  """
+  sched = schedule(lr, total_steps, warmup_frac)
+  mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
+  return optax.chain(
+      optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(),
+      optax.scale_by_adam(b1=b1, b2=b2, mu_dtype=mu_dtype),
+      optax.add_decayed_weights(weight_decay / lr, mask=decay_mask) if weight_decay
+      else optax.identity(),
+      optax.scale_by_learning_rate(sched),
+  )

@@ -1,0 +1,90 @@
+"""The device mesh, and the rules that place parameters and batches on it.
+
+Every parameter carries logical axis names (`axes` metadata, e.g.
+("layers", "embed", "mlp")); a study's rules map each name to a mesh axis or
+to None (replicated). Unknown names, rules naming a missing mesh axis, and
+two dimensions of one array on the same mesh axis are errors.
+"""
+
+import logging
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+# Names every model in this project uses; a rule for any other name is a typo.
+LOGICAL_AXES = ("layers", "embed", "mlp", "heads", "head_dim", "kv_heads", "tokens",
+                "patch", "half_patch", "classes", "vocab", "mixtures", "soft_tokens")
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices=None):
+  """Mesh over all devices; one axis size may be -1 (takes what is left)."""
+  devices = jax.devices() if devices is None else devices
+  names, sizes = [a for a, _ in axes], [s for _, s in axes]
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if sizes.count(-1) > 1 or len(devices) % known:
+    raise ValueError(f"Mesh {dict(axes)} does not fit {len(devices)} devices.")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"Mesh {dict(zip(names, sizes))} needs {np.prod(sizes)} devices, "
+                     f"there are {len(devices)}.")
+  return jax.make_mesh(tuple(sizes), tuple(names), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def check_rules(rules, mesh):
+  for name, target in rules:
+    if name not in LOGICAL_AXES:
+      raise ValueError(f"Sharding rule for unknown logical axis {name!r}; known: {LOGICAL_AXES}.")
+    if target is not None and target not in mesh.axis_names:
+      raise ValueError(f"Sharding rule {name!r} -> {target!r}: mesh axes are {mesh.axis_names}.")
+
+
+def spec_for(axes, shape, rules, mesh):
+  """PartitionSpec for an array with logical `axes`; indivisible dims stay replicated."""
+  rules = dict(rules)
+  if len(axes) + 1 == len(shape):  # stacked by nnx.vmap: the leading axis is the layer
+    axes = ("layers",) + tuple(axes)
+  out, used = [], set()
+  for name, size in zip(axes, shape):
+    target = rules.get(name) if name else None
+    if target is not None and size % mesh.shape[target]:
+      logging.info("Replicating a dim of %s (%s=%d) not divisible by mesh axis %s.",
+                   shape, name, size, target)
+      target = None
+    if target is not None and target in used:
+      raise ValueError(f"Two dims of an array {axes} map to mesh axis {target!r}.")
+    used.add(target)
+    out.append(target)
+  return P(*out)
+
+
+def state_shardings(state, rules, mesh):
+  """NamedShardings for an nnx.State (or any pytree of Variables / arrays)."""
+  check_rules(rules, mesh)
+
+  def one(x):
+    if not isinstance(x, nnx.Variable):
+      return NamedSharding(mesh, P())
+    axes = x.get_metadata().get("axes")
+    spec = P() if axes is None else spec_for(axes, x.shape, rules, mesh)
+    return x.replace(NamedSharding(mesh, spec))  # same tree structure as `state`
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh):
+  """The batch axis over every mesh axis."""
+  return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch, mesh):
+  """This host's numpy batch -> one global jax.Array per key, sharded over the batch."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
