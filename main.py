@@ -10,8 +10,10 @@ import sys
 
 import jax
 from absl import app, flags, logging
+from clu import metric_writers, periodic_actions
 from ml_collections import config_flags
 
+import input_pipeline
 from configs import common
 from jetformer import train
 
@@ -41,7 +43,11 @@ def main(argv):
   logging.info("Process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   config = common.finalize(_CONFIG.value, keep=command_line_keys(sys.argv))
-  results = train.train_and_evaluate(config, _WORKDIR.value)
+  writer = metric_writers.create_default_writer(_WORKDIR.value,
+                                                just_logging=jax.process_index() > 0)
+  results = train.train_and_evaluate(
+      config, _WORKDIR.value, data=input_pipeline, writer=writer,
+      progress=lambda n: periodic_actions.ReportProgress(num_train_steps=n, writer=writer))
   summary = f"Validation bits/dim: Jet {results['val_bpd']:.3f}"
   if "val_png_bpd" in results:
     summary += f", PNG {results['val_png_bpd']:.3f} on the same images"

@@ -11,7 +11,7 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
   """Every key a Jet study has; studies change values, never add keys."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.dataset = dict(name=dataset, data_dir=None, image_size=image_size, train_split=train_split,
+  c.dataset = dict(name=dataset, data_dir=ml_collections.config_dict.placeholder(str), image_size=image_size, train_split=train_split,
                    eval_split=eval_split, flip=True, worker_count=0)
   c.model = dict(ps=4, depth=32, block_depth=2, emb_dim=512, num_heads=8, scale_factor=2.0,
                  kinds=("channels",) * 4 + ("spatial",), channel_projs=("random",),
@@ -21,7 +21,7 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
   c.batch_size = 1024
   c.num_epochs = 200.0
   c.total_steps = 0                    # > 0 overrides num_epochs
-  c.optim = dict(lr=3e-4, warmup_frac=0.1, b1=0.9, b2=0.95, mu_dtype="bfloat16",
+  c.optim = dict(lr=3e-4, warmup_frac=0.1, b1=0.9, b2=0.95, mu_dtype="bfloat16",  # "": f32
                  weight_decay=1e-5, grad_clip=1.0)
   c.ema_decay = 0.0                    # > 0 keeps, evaluates and saves an EMA of the params
   c.mesh = (("data", 1), ("fsdp", -1))
@@ -35,7 +35,7 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
   c.runlocal = False                   # True: apply `local` below (a few minutes on a laptop CPU)
   c.local = dict(model=dict(depth=4, block_depth=1, emb_dim=64, num_heads=2),
                  batch_size=8, total_steps=5, log_every=1, eval_every=5, ckpt_every=5,
-                 eval_batch_size=64, optim=dict(mu_dtype=None))
+                 eval_batch_size=64, optim=dict(mu_dtype=""))
   return c
 
 

@@ -16,7 +16,7 @@ def get_config():
   c.label_drop_prob = 0.1
   c.batch_size = 64
   c.total_steps = 1000
-  c.optim.update(lr=1e-3, mu_dtype=None)
+  c.optim.update(lr=1e-3, mu_dtype="")
   c.mesh = (("data", -1), ("fsdp", 1))
   c.log_every = 50
   c.eval_every = 500

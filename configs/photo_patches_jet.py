@@ -16,7 +16,7 @@ def get_config():
                  kinds=("channels", "channels", "spatial"))
   c.batch_size = 64
   c.total_steps = 2000
-  c.optim.update(lr=1e-3, mu_dtype=None, weight_decay=1e-5)
+  c.optim.update(lr=1e-3, mu_dtype="", weight_decay=1e-5)
   c.mesh = (("data", -1), ("fsdp", 1))
   c.log_every = 50
   c.eval_every = 500

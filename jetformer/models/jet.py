@@ -93,6 +93,11 @@ class DNN(nnx.Module):
     return bias, raw_scale
 
 
+def permute(x, perm):
+  """x[:, perm] for a permutation `perm` of x's second axis."""
+  return x.at[:, perm].get(unique_indices=True, mode="promise_in_bounds")
+
+
 class Coupling(nnx.Module):
   """One affine coupling; the split is a gather by a flat index (permutations.py)."""
 
@@ -102,14 +107,14 @@ class Coupling(nnx.Module):
 
   def __call__(self, x, perm, inv_perm, context=None, inverse=False):
     b, n, d = x.shape
-    flat = jnp.take(x.reshape(b, n * d), perm, axis=1)           # [B, N*D]
+    flat = permute(x.reshape(b, n * d), perm)           # [B, N*D]
     x1, x2 = (h.reshape(b, n, d // 2) for h in jnp.split(flat, 2, axis=1))
     bias, raw_scale = self.dnn(x1, context)                        # [B, N, D/2] each
     scale = jax.nn.sigmoid(raw_scale) * self.scale_factor
     logdet = jnp.sum(jax.nn.log_sigmoid(raw_scale) + np.log(self.scale_factor), (1, 2))
     x2 = x2 / scale - bias if inverse else (x2 + bias) * scale
     flat = jnp.concatenate([x1.reshape(b, -1), x2.reshape(b, -1)], axis=1)
-    x = jnp.take(flat, inv_perm, axis=1).reshape(b, n, d)           # [B, N, D]
+    x = permute(flat, inv_perm).reshape(b, n, d)             # [B, N, D]
     return x, (-logdet if inverse else logdet)
 
 

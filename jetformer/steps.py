@@ -1,0 +1,71 @@
+"""The train state and the jitted step functions (no input pipeline, no config).
+
+The train state is a dict of pure arrays (params as `nnx.State.to_pure_dict`)
+rather than an `nnx.Optimizer`, so that it passes through one `jax.jit` with
+explicit shardings and orbax saves it as it is.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jetformer import checkpoint, objectives, sharding
+from jetformer.models import jet as jet_lib
+
+
+def abstract_model(cfg):
+  """(graphdef, abstract params, abstract frozen) with their logical axes."""
+  model = nnx.eval_shape(lambda: jet_lib.Jet(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, frozen = nnx.split(model, nnx.Param, jet_lib.Frozen)
+  return graphdef, params, frozen
+
+
+def init_state(cfg, tx, ema, seed):
+  """The train state: step, params, frozen permutations, optimizer state, [EMA]."""
+  _, params, frozen = nnx.split(jet_lib.Jet(cfg, rngs=nnx.Rngs(seed)), nnx.Param, jet_lib.Frozen)
+  params = params.to_pure_dict()
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "frozen": frozen.to_pure_dict(), "opt": tx.init(params)}
+  if ema:
+    state["ema"] = params
+  return state
+
+
+def state_shardings(tx, abstract_state, params, frozen, rules, mesh):
+  """Params (and their EMA) by the rules; the optimizer state as XLA propagates it."""
+  p_sh = sharding.state_shardings(params, rules, mesh).to_pure_dict()
+  f_sh = sharding.state_shardings(frozen, rules, mesh).to_pure_dict()
+  repl = sharding.replicated(mesh)
+  abstract_params = checkpoint.abstract(abstract_state["params"], p_sh)
+  opt_sh = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+  # Leaves that do not derive from a param (step counts) come back on one device.
+  opt_sh = jax.tree.map(lambda s: repl if s.is_fully_replicated else s, opt_sh)
+  out = {"step": repl, "params": p_sh, "frozen": f_sh, "opt": opt_sh}
+  if "ema" in abstract_state:
+    out["ema"] = p_sh
+  return out
+
+
+def train_step(state, batch, key, *, graphdef, tx, ema_decay, label_drop_prob):
+  def loss_fn(params):
+    jet = nnx.merge(graphdef, params, state["frozen"])
+    return objectives.jet_loss(jet, batch, key, label_drop_prob)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt = tx.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new = dict(state, step=state["step"] + 1, params=params, opt=opt)
+  if "ema" in state:
+    new["ema"] = optax.incremental_update(params, state["ema"], 1 - ema_decay)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  return new, metrics
+
+
+def eval_step(params, frozen, batch, key, *, graphdef):
+  """Sums of per-example bpd terms over the real (unpadded) examples."""
+  jet = nnx.merge(graphdef, params, frozen)
+  terms = objectives.jet_bpd(jet, batch, key)
+  out = {k: jnp.sum(v * batch["mask"]) for k, v in terms.items()}
+  out["count"] = jnp.sum(batch["mask"])
+  return out

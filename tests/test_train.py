@@ -1,0 +1,92 @@
+"""Training: sharded step == single-device step, main.py resumes exactly where it stopped."""
+
+import functools
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import common, digits_jet
+from jetformer import optim, sharding, steps, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def local_config(data_dir, **overrides):
+  config = digits_jet.get_config()
+  config.runlocal = True
+  config = common.finalize(config)
+  with config.unlocked():
+    config.dataset.data_dir = str(data_dir)
+    for key, value in overrides.items():
+      config[key] = value
+  return config
+
+
+def one_step(config, mesh, batch):
+  cfg = train.jet_config(config)
+  tx = optim.make(total_steps=10, **config.optim)
+  graphdef, params, frozen = steps.abstract_model(cfg)
+  init = functools.partial(steps.init_state, cfg, tx, True, 0)
+  shardings = steps.state_shardings(tx, jax.eval_shape(init), params, frozen,
+                                    config.sharding_rules, mesh)
+  state = jax.jit(init, out_shardings=shardings)()
+  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.9,
+                                   label_drop_prob=0.5),
+                 out_shardings=(shardings, sharding.replicated(mesh)))
+  batch = sharding.global_batch(batch, mesh)
+  for i in range(2):
+    state, metrics = step(state, batch, jax.random.key(i))
+  return jax.device_get(state), jax.device_get(metrics), state
+
+
+def test_fsdp_step_equals_single_device(tmp_path):
+  config = local_config(tmp_path)
+  with config.unlocked():
+    config.model.emb_dim = 32
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (8, 16, 16, 3)).astype(np.float32) / 127.5 - 1,
+           "label": rng.integers(0, 10, (8,)).astype(np.int32)}
+  single, m1, _ = one_step(config, sharding.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]), batch)
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
+  sharded, m8, live = one_step(config, mesh, batch)
+  kernel = live["params"]["couplings"]["dnn"]["init_proj"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
+  assert live["frozen"]["perm"].sharding.is_fully_replicated
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), single, sharded)
+  np.testing.assert_allclose(m1["bpd"], m8["bpd"], rtol=1e-6)
+
+
+def run_main(workdir, data_dir, *flags):
+  cmd = [sys.executable, str(ROOT / "main.py"), "--config=configs/digits_jet.py",
+         f"--workdir={workdir}", "--config.runlocal=True",
+         f"--config.dataset.data_dir={data_dir}", *flags]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_main_resumes_exactly(tmp_path):
+  full, resumed, data_dir = tmp_path / "full", tmp_path / "resumed", tmp_path / "data"
+  flags = ("--config.total_steps=8", "--config.ckpt_every=4", "--config.eval_every=100")
+  log = run_main(full, data_dir, *flags)
+  assert "Validation bits/dim" in log
+  ckpts = full / "checkpoints"
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["4", "8"]
+  shutil.copytree(ckpts / "4", resumed / "checkpoints" / "4")  # as if stopped after step 4
+  log = run_main(resumed, data_dir, *flags)
+  assert "starting at step 4 of 8" in log
+  a, b = (train_state(d / "checkpoints" / "8") for d in (full, resumed))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def train_state(path):
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(path / "state")
