@@ -23,11 +23,6 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def command_line_keys(argv):
-  """Dotted config keys set on the command line (--config.a.b=v)."""
-  return {a.split("=")[0].removeprefix("--config.") for a in argv if a.startswith("--config.")}
-
-
 class _QuietOrbax(std_logging.Filter):
   """Orbax logs every checkpoint step at INFO; keep its warnings only."""
 
@@ -42,7 +37,7 @@ def main(argv):
     jax.distributed.initialize()
   logging.info("Process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  config = common.finalize(_CONFIG.value, keep=command_line_keys(sys.argv))
+  config = common.finalize(_CONFIG.value, keep=common.command_line_keys(sys.argv))
   writer = metric_writers.create_default_writer(_WORKDIR.value,
                                                 just_logging=jax.process_index() > 0)
   results = train.train_and_evaluate(

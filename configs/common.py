@@ -59,3 +59,8 @@ def _merge(config, overrides, prefix, keep):
       _merge(config[key], value, name + ".", keep)
     elif name not in keep:
       config[key] = value
+
+
+def command_line_keys(argv):
+  """Dotted config keys set on the command line (--config.a.b=v), for `finalize`'s `keep`."""
+  return {a.split("=")[0].removeprefix("--config.") for a in argv if a.startswith("--config.")}

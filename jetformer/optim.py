@@ -7,9 +7,9 @@ import optax
 
 def schedule(lr, total_steps, warmup_frac):
   """Linear warm-up for warmup_frac of training, then cosine decay to 0."""
-  warmup = int(round(warmup_frac * total_steps))
+  warmup = max(int(round(warmup_frac * total_steps)), 1)
   return optax.warmup_cosine_decay_schedule(
-      0.0, lr, max(warmup, 1), max(total_steps, warmup + 1), end_value=0.0)
+      0.0, lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
 
 
 def decay_mask(params):

@@ -56,18 +56,31 @@ def make_eval_data(config, data):
       global_batch_size=config.eval_batch_size, data_dir=ds.data_dir)
 
 
-def compile_steps(config, graphdef, tx, shardings, mesh):
-  """The jitted train step (donating the state) and eval step, explicitly sharded."""
+def compile_train_step(config, graphdef, tx, shardings, mesh):
+  """The jitted train step, donating the state, explicitly sharded."""
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  train_fn = jax.jit(
+  return jax.jit(
       functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=config.ema_decay,
                         label_drop_prob=config.label_drop_prob),
       in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
       donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef),
-                    in_shardings=(shardings["params"], shardings["frozen"], batch_sh, repl),
-                    out_shardings=repl)
-  return train_fn, eval_fn
+
+
+def compile_eval_step(graphdef, shardings, mesh):
+  repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(functools.partial(steps.eval_step, graphdef=graphdef),
+                 in_shardings=(shardings["params"], shardings["frozen"], batch_sh, repl),
+                 out_shardings=repl)
+
+
+def evaluate_state(eval_fn, state, eval_data, mesh, seed):
+  """val_* bits/dim of state's params, and val_ema_* of their EMA if it has one."""
+  results = {}
+  for name in ("params", "ema") if "ema" in state else ("params",):
+    prefix = "val_" if name == "params" else "val_ema_"
+    metrics = evaluate(eval_fn, state[name], state["frozen"], eval_data(), mesh, seed)
+    results.update({prefix + k: v for k, v in metrics.items()})
+  return results
 
 
 def train_and_evaluate(config, workdir, *, data, writer, progress):
@@ -99,16 +112,13 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
     state = jax.jit(init, out_shardings=shardings)()
   logging.info("Jet: %d parameters, starting at step %d of %d.",
                sum(x.size for x in jax.tree.leaves(params)), step, total)
-  train_fn, eval_fn = compile_steps(config, graphdef, tx, shardings, mesh)
+  train_fn = compile_train_step(config, graphdef, tx, shardings, mesh)
+  eval_fn = compile_eval_step(graphdef, shardings, mesh)
   report = progress(total)
   key, history = jax.random.key(config.seed), []
 
   def run_eval(at):
-    results = {}
-    for name in ("params", "ema") if "ema" in state else ("params",):
-      prefix = "val_" if name == "params" else "val_ema_"
-      metrics = evaluate(eval_fn, state[name], state["frozen"], eval_data(), mesh, config.seed)
-      results.update({prefix + k: v for k, v in metrics.items()})
+    results = evaluate_state(eval_fn, state, eval_data, mesh, config.seed)
     writer.write_scalars(at, results)
     return results
 

@@ -3,14 +3,39 @@
 big_vision stores the couplings' splits as dense permutation matrices
 (`*-FREEZE_ME`); here they become the flat gather indices of
 `jetformer/models/permutations.py`. Everything else maps name for name.
+
+As a command, it writes a big_vision `.npz` as checkpoint 0 of a study, for
+`evaluate.py` (or `evaluation.evaluate_checkpoint`) with the same `--config`:
+
+  python -m jetformer.convert.big_vision --npz=jet.npz --input_shape=64,64,3 \
+    --model_kwargs_json='{"depth": 32, "ps": 4, ...}' \
+    --config=configs/STUDY.py [--config.model.depth=32 ...] --workdir=DIR
+  python evaluate.py --config=configs/STUDY.py [the same overrides] --workdir=DIR
+
+The study config must build the same Jet, else the command fails and lists the
+fields that differ: `config.dataset.image_size` is H = W of `input_shape` (C=3);
+`config.model.{ps, depth, block_depth, emb_dim, num_heads, scale_factor, kinds}`
+equal the big_vision kwargs of those names, `config.model.channel_projs` its
+`channels_coupling_projs`, `config.model.spatial_projs` its
+`spatial_coupling_projs` (a kwarg left out means JetConfig's default, which is
+big_vision's except for depth and block_depth: give those two), and
+`config.model.num_classes` is 0 (big_vision's Jet has no class embedding).
+`remat`, `scan` and `dtype` are free. The checkpoint holds the weights only
+(and an EMA equal to them when the study keeps one), not a train state.
 """
 
+import dataclasses
+import json
+import pathlib
 import re
 
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
+from ml_collections import config_flags
 
+from jetformer import checkpoint, train
 from jetformer.models import jet as jet_lib
 from jetformer.models import permutations
 
@@ -80,3 +105,64 @@ def jet_from_big_vision(params, config, **overrides):
   jet.perm.set_value(jnp.asarray(perms))
   jet.inv_perm.set_value(jnp.asarray(np.argsort(perms, axis=1).astype(np.int32)))
   return jet
+
+
+def load_npz(path):
+  """{name: array} of a big_vision .npz; only its 'params/' entries when it has any."""
+  with np.load(path) as f:
+    names = [k for k in f.files if k.startswith("params/")] or f.files
+    return {k: f[k] for k in names}
+
+
+def check_config(cfg, config):
+  """Raises unless `cfg` (from the big_vision kwargs) is the Jet that the study `config` builds."""
+  expected = train.jet_config(config)
+  diff = {f.name: (getattr(cfg, f.name), getattr(expected, f.name))
+          for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expected, f.name)}
+  if diff:
+    raise ValueError("The big_vision model and the study config differ, as "
+                     f"{{field: (big_vision, config)}}: {diff}.")
+
+
+def weights_state(jet, config):
+  """What evaluate.py restores (params, frozen[, ema]); no optimizer state."""
+  _, params, frozen = nnx.split(jet, nnx.Param, jet_lib.Frozen)
+  state = {"params": params.to_pure_dict(), "frozen": frozen.to_pure_dict()}
+  if config.ema_decay > 0:
+    state["ema"] = state["params"]
+  return state
+
+
+def convert(npz_path, model_kwargs, input_shape, config, workdir):
+  """Writes the big_vision Jet in `npz_path` as checkpoint 0 of the study `config` in `workdir`."""
+  free = {k: config.model[k] for k in ("remat", "scan", "dtype")}
+  jet = jet_from_big_vision(load_npz(npz_path), dict(model_kwargs, input_shape=input_shape),
+                            **free)
+  check_config(jet.cfg, config)
+  mgr = checkpoint.manager(workdir, save_every=1, keep=1, async_save=False)
+  checkpoint.save(mgr, 0, weights_state(jet, config), force=True)
+  mgr.wait_until_finished()
+
+
+def main():
+  """The command line (module docstring); flags are defined here, not on import."""
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "The study config evaluate.py will be run with.", lock_config=True)
+  npz = flags.DEFINE_string("npz", None, "big_vision Jet params (.npz).")
+  kwargs_json = flags.DEFINE_string("model_kwargs_json", None, "big_vision model kwargs, JSON.")
+  kwargs_file = flags.DEFINE_string("model_kwargs_file", None, "A JSON file of them.")
+  input_shape = flags.DEFINE_list("input_shape", None, "H,W,C of the model's images.")
+  workdir = flags.DEFINE_string("workdir", None, "Where the checkpoint goes.")
+  flags.mark_flags_as_required(["config", "npz", "input_shape", "workdir"])
+  flags.mark_flags_as_mutual_exclusive(["model_kwargs_json", "model_kwargs_file"], required=True)
+
+  def run(argv):
+    del argv
+    text = kwargs_json.value or pathlib.Path(kwargs_file.value).read_text()
+    convert(npz.value, json.loads(text), tuple(int(n) for n in input_shape.value),
+            config_flag.value, workdir.value)
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()

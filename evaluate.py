@@ -1,0 +1,44 @@
+"""Evaluates a checkpoint: python evaluate.py --config=configs/STUDY.py --workdir=DIR [--step=N].
+
+Pass the config and the --config.* overrides the run was trained with: they
+give the model, the validation data and the seed of its dequantization noise.
+The mesh may differ (e.g. --config.mesh="(('data',1),('fsdp',1))" on one
+device). Writes DIR/eval_STEP.json and prints the numbers.
+"""
+
+import json
+import sys
+
+import jax
+from absl import app, flags
+from etils import epath
+from ml_collections import config_flags
+
+import input_pipeline
+from configs import common
+from jetformer import evaluation
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate; default the latest.")
+_TASKS = flags.DEFINE_list("tasks", ["bpd"], f"Comma-separated, of {sorted(evaluation.TASKS)}.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  config = common.finalize(_CONFIG.value, keep=common.command_line_keys(sys.argv))
+  results = evaluation.evaluate_checkpoint(config, _WORKDIR.value, data=input_pipeline,
+                                           step=_STEP.value, tasks=_TASKS.value)
+  path = epath.Path(_WORKDIR.value) / f"eval_{results['step']}.json"  # epath: gs:// too
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(results, indent=1))
+  numbers = ", ".join(f"{k}={v:.6g}" for k, v in results.items() if k != "step")
+  print(f"Step {results['step']}: {numbers} ({path})", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,78 @@
+"""Evaluating a checkpoint: restore the train state onto this run's mesh, run named tasks.
+
+A task takes (config, restored checkpoint, input module) and returns metrics;
+`bpd` is validation bits/dim with fresh dequantization noise, of the params
+and of their EMA when the study keeps one, named as training logs them. The
+entry point (evaluate.py) passes in the input module, so that this package
+never imports TensorFlow.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from jetformer import checkpoint, sharding, steps, train
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A checkpoint on this run's mesh; nnx.merge(graphdef, params, frozen) is the Jet."""
+  step: int
+  state: dict                    # params, frozen[, ema]: no optimizer state
+  graphdef: Any
+  shardings: dict                # same tree as `state`
+  mesh: jax.sharding.Mesh
+
+
+def restore(config, workdir, step=None):
+  """The model weights at `step` (default: the latest) in `workdir`, sharded as `config` says.
+
+  The mesh and the sharding rules come from `config`, not from the training
+  run, so a checkpoint written on any mesh restores onto the devices present;
+  the optimizer state is not read.
+  """
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, params, frozen = steps.abstract_model(train.jet_config(config))
+  abstract = {"params": params.to_pure_dict(), "frozen": frozen.to_pure_dict()}
+  shardings = {"params": sharding.state_shardings(params, config.sharding_rules, mesh),
+               "frozen": sharding.state_shardings(frozen, config.sharding_rules, mesh)}
+  shardings = {k: v.to_pure_dict() for k, v in shardings.items()}
+  if config.ema_decay > 0:
+    abstract["ema"], shardings["ema"] = abstract["params"], shardings["params"]
+  mgr = checkpoint.manager(workdir, save_every=1, keep=None, async_save=False, create=False)
+  step, state = checkpoint.restore(mgr, checkpoint.abstract(abstract, shardings), step=step,
+                                   partial=True)
+  if state is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
+  return Restored(step, state, graphdef, shardings, mesh)
+
+
+def bpd(config, restored, data):
+  """val_* bits/dim of the params, val_ema_* of their EMA (as training reports them)."""
+  r = restored
+  eval_fn = train.compile_eval_step(r.graphdef, r.shardings, r.mesh)
+  return train.evaluate_state(eval_fn, r.state, train.make_eval_data(config, data), r.mesh,
+                              config.seed)
+
+
+TASKS = {"bpd": bpd}
+
+
+def evaluate_checkpoint(config, workdir, *, data, step=None, tasks=("bpd",)):
+  """{"step": checkpoint step, metric: value, ...} of the checkpoint's model.
+
+  Args:
+    config: the study config the checkpoint was trained with (after `finalize`).
+    data: the input module (`input_pipeline`).
+    step: the checkpoint to read; the latest by default.
+    tasks: names from TASKS, run in this order.
+  """
+  unknown = [t for t in tasks if t not in TASKS]
+  if unknown:
+    raise ValueError(f"Unknown evaluation tasks {unknown}; known: {sorted(TASKS)}.")
+  restored = restore(config, workdir, step)
+  results = {"step": restored.step}
+  for name in tasks:
+    results.update(TASKS[name](config, restored, data))
+  return results

@@ -1,0 +1,20 @@
+"""The jetformer package and the benchmarks never import TensorFlow (or clu, which does)."""
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODULES = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts)
+                 for p in (ROOT / "jetformer").rglob("*.py") if p.name != "__init__.py")
+
+
+def test_no_tensorflow_in_library():
+  code = ("import importlib, sys\n"
+          f"for m in {MODULES!r}: importlib.import_module(m)\n"
+          "bad = sorted({m.split('.')[0] for m in sys.modules} & "
+          "{'tensorflow', 'tensorflow_datasets', 'clu', 'input_pipeline'})\n"
+          "assert not bad, bad\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "jetformer.models.jet" in MODULES
