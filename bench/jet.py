@@ -48,6 +48,7 @@ def main():
   parser.add_argument("--remat", choices=sorted(jet_lib.REMAT_POLICIES), default="none")
   parser.add_argument("--scan", type=int, default=1, help="0: unroll the couplings")
   parser.add_argument("--batch", type=int, default=0, help="override the batch size")
+  parser.add_argument("--mu_dtype", default="", help="Adam first-moment dtype (paper: bfloat16)")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
   args = parser.parse_args()
@@ -58,7 +59,7 @@ def main():
                           remat=args.remat, scan=bool(args.scan), **spec)
 
   mesh = sharding.make_mesh([("data", -1)])
-  tx = optim.make(lr=3e-4, total_steps=1000, mu_dtype=None, weight_decay=1e-5)
+  tx = optim.make(lr=3e-4, total_steps=1000, mu_dtype=args.mu_dtype, weight_decay=1e-5)
   graphdef, params, frozen = steps.abstract_model(cfg)
   init = functools.partial(steps.init_state, cfg, tx, False, 0)
   shardings = steps.state_shardings(tx, jax.eval_shape(init), params, frozen, (), mesh)
