@@ -36,8 +36,7 @@ def get_config():
                  spatial_projs=common.ALL_SPATIAL)
   c.batch_size = 256
   c.num_epochs = 500.0
-  c.optim.update(lr=3e-4, warmup_frac=0.1, b1=0.9, b2=0.95, mu_dtype="bfloat16",
-                 weight_decay=1e-5, grad_clip=1.0)
+  # The optimizer is common.jet_base's (the paper's ImageNet setting).
   c.eval_every = 2000
   c.local.update(dataset=dict(eval_split="validation[:256]"))
   return c

@@ -48,10 +48,6 @@ def get_config():
   c.model.update(ps=4, depth=v["depth"], block_depth=v["block_depth"], emb_dim=512,
                  num_heads=8, kinds=("channels",) * 4 + ("spatial",),
                  channel_projs=("random",), spatial_projs=common.ALL_SPATIAL)
-  c.batch_size = 1024
-  c.num_epochs = 200.0
-  c.optim.update(lr=3e-4, warmup_frac=0.1, b1=0.9, b2=0.95, mu_dtype="bfloat16",
-                 weight_decay=1e-5, grad_clip=1.0)
-  c.eval_batch_size = 1024
+  # Batch 1024, 200 epochs and the optimizer are common.jet_base's (the paper's).
   c.local.update(dataset=dict(eval_split="validation[:256]"))
   return c
