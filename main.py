@@ -20,6 +20,10 @@ from jetformer import train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0; unset on TPU pods and SLURM.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,7 +38,9 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietOrbax())
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    # Only the CPU client reads this (multi-process CPU runs, e.g. the tests).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("Process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   config = common.finalize(_CONFIG.value, keep=common.command_line_keys(sys.argv))

@@ -1,8 +1,9 @@
 """grain pipelines: an endless shuffled train stream and one-pass eval batches.
 
-Both give each host its own slice of every global batch: global position i of
-the (shuffled) stream goes to host i % process_count, so the hosts' local
-batches of one step are disjoint and together make the global batch.
+Both give each host its own slice of every global batch: host i gets rows
+[i*b, (i+1)*b) of each global batch of the (shuffled) stream, b the per-host
+batch. So the global jax.Array assembled from the hosts' local batches is the
+same batch, in the same order, for any number of hosts.
 """
 from absl import flags
 import grain
@@ -54,9 +55,9 @@ def make_train_iterator(*, name: str, split: str, image_size: int,
     # Before the host slice, so a flip depends on the global stream position
     # only: the global batches are the same for any number of hosts.
     ds = ds.random_map(transforms.RandomFlip(), seed=int(flip_seed))
-  ds = ds[index::count]
   ds = ds.map(transforms.ToMinusOneOne())
-  ds = ds.batch(batch, drop_remainder=True)
+  # Per-host batches of consecutive examples; host i takes every count-th one.
+  ds = ds.batch(batch, drop_remainder=True)[index::count]
   iter_ds = ds.to_iter_dataset()
   if worker_count > 0:
     if not flags.FLAGS.is_parsed():
@@ -92,7 +93,7 @@ def make_eval_iterator(*, name: str, split: str, image_size: int,
     padding = grain.MapDataset.range(num_padding).map(
         transforms.PaddingExample(image_size))
     ds = grain.MapDataset.concatenate([ds, padding])
-  return ds[index::count].batch(batch, drop_remainder=True)
+  return ds.batch(batch, drop_remainder=True)[index::count]
 
 
 def num_examples(name: str, split: str, data_dir: str | None = None) -> int:

@@ -192,10 +192,10 @@ def test_hosts_split_every_global_batch(folder):
   for step, global_batch in enumerate(one_host):
     local = [hosts[i][step] for i in range(2)]
     assert local[0]["image"].shape == (5, 8, 8, 3)
-    # Host i gets global positions i, i+2, ...: disjoint, together the batch.
+    # Host i gets rows [5i, 5i+5): disjoint, together the batch in its order.
     for key in global_batch:
-      np.testing.assert_array_equal(global_batch[key][0::2], local[0][key])
-      np.testing.assert_array_equal(global_batch[key][1::2], local[1][key])
+      np.testing.assert_array_equal(global_batch[key][:5], local[0][key])
+      np.testing.assert_array_equal(global_batch[key][5:], local[1][key])
   epoch1 = [np.concatenate([ids(b["image"]) for b in hosts[i][:5]])
             for i in range(2)]
   assert not set(epoch1[0]) & set(epoch1[1])

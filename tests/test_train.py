@@ -88,5 +88,34 @@ def test_main_resumes_exactly(tmp_path):
 
 
 def train_state(path):
+  """A saved train state, read onto one device whatever topology wrote it."""
   import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer().restore(path / "state")
+  checkpointer = ocp.StandardCheckpointer()
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                        checkpointer.metadata(path / "state").item_metadata.tree)
+  return jax.device_get(checkpointer.restore(path / "state", target))
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+  """Two processes of 2 CPU devices each (gloo) train the same model as one process of 4."""
+  port = 20000 + os.getpid() % 20000
+  flags = ("--config=configs/digits_jet.py", "--config.runlocal=True",
+           "--config.total_steps=4", "--config.ckpt_every=4", "--config.eval_every=100",
+           f"--config.dataset.data_dir={tmp_path / 'data'}", "--config.mesh=(('data',2),('fsdp',2))")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  run_main(tmp_path / "warm", tmp_path / "data", "--config.total_steps=1")  # prepare data once
+  procs = [subprocess.Popen(
+      [sys.executable, str(ROOT / "main.py"), f"--workdir={tmp_path / 'multi'}", *flags,
+       "--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+  env4 = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  out = subprocess.run([sys.executable, str(ROOT / "main.py"), f"--workdir={tmp_path / 'single'}",
+                        *flags], cwd=ROOT, env=env4, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  a, b = (train_state(tmp_path / d / "checkpoints" / "4") for d in ("multi", "single"))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
