@@ -34,12 +34,11 @@ def restore(config, workdir, step=None):
   """
   mesh = sharding.make_mesh(config.mesh)
   graphdef, params, frozen = steps.abstract_model(train.jet_config(config))
+  ema = config.ema_decay > 0
+  shardings = steps.weight_shardings(params, frozen, config.sharding_rules, mesh, ema=ema)
   abstract = {"params": params.to_pure_dict(), "frozen": frozen.to_pure_dict()}
-  shardings = {"params": sharding.state_shardings(params, config.sharding_rules, mesh),
-               "frozen": sharding.state_shardings(frozen, config.sharding_rules, mesh)}
-  shardings = {k: v.to_pure_dict() for k, v in shardings.items()}
-  if config.ema_decay > 0:
-    abstract["ema"], shardings["ema"] = abstract["params"], shardings["params"]
+  if ema:
+    abstract["ema"] = abstract["params"]
   mgr = checkpoint.manager(workdir, save_every=1, keep=None, async_save=False, create=False)
   step, state = checkpoint.restore(mgr, checkpoint.abstract(abstract, shardings), step=step,
                                    partial=True)

@@ -32,19 +32,24 @@ def init_state(cfg, tx, ema, seed):
   return state
 
 
+def weight_shardings(params, frozen, rules, mesh, ema=False):
+  """{"params", "frozen"[, "ema"]: pure-dict shardings} of the model's weights, by the rules."""
+  out = {"params": sharding.state_shardings(params, rules, mesh).to_pure_dict(),
+         "frozen": sharding.state_shardings(frozen, rules, mesh).to_pure_dict()}
+  if ema:
+    out["ema"] = out["params"]
+  return out
+
+
 def state_shardings(tx, abstract_state, params, frozen, rules, mesh):
-  """Params (and their EMA) by the rules; the optimizer state as XLA propagates it."""
-  p_sh = sharding.state_shardings(params, rules, mesh).to_pure_dict()
-  f_sh = sharding.state_shardings(frozen, rules, mesh).to_pure_dict()
+  """Weights by the rules (weight_shardings); the optimizer state as XLA propagates it."""
+  out = weight_shardings(params, frozen, rules, mesh, ema="ema" in abstract_state)
   repl = sharding.replicated(mesh)
-  abstract_params = checkpoint.abstract(abstract_state["params"], p_sh)
+  abstract_params = checkpoint.abstract(abstract_state["params"], out["params"])
   opt_sh = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
   # Leaves that do not derive from a param (step counts) come back on one device.
   opt_sh = jax.tree.map(lambda s: repl if s.is_fully_replicated else s, opt_sh)
-  out = {"step": repl, "params": p_sh, "frozen": f_sh, "opt": opt_sh}
-  if "ema" in abstract_state:
-    out["ema"] = p_sh
-  return out
+  return {"step": repl, "opt": opt_sh, **out}
 
 
 def train_step(state, batch, key, *, graphdef, tx, ema_decay, label_drop_prob):
