@@ -49,10 +49,17 @@ def main(argv):
   results = train.train_and_evaluate(
       config, _WORKDIR.value, data=input_pipeline, writer=writer,
       progress=lambda n: periodic_actions.ReportProgress(num_train_steps=n, writer=writer))
-  summary = f"Validation bits/dim: Jet {results['val_bpd']:.3f}"
+  print(summary(results), flush=True)
+
+
+def summary(results):
+  if "val_bpd" not in results:  # JetFormer
+    return "Validation: " + ", ".join(f"{k.removeprefix('val_')} {v:.4f}"
+                                      for k, v in results.items() if k.startswith("val_"))
+  text = f"Validation bits/dim: Jet {results['val_bpd']:.3f}"
   if "val_png_bpd" in results:
-    summary += f", PNG {results['val_png_bpd']:.3f} on the same images"
-  print(summary, flush=True)
+    text += f", PNG {results['val_png_bpd']:.3f} on the same images"
+  return text
 
 
 if __name__ == "__main__":

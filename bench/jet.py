@@ -10,37 +10,21 @@ import dataclasses
 import functools
 import json
 import os
-import resource
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jetformer import optim, sharding, steps  # noqa: E402
+from bench import timing  # noqa: E402
+from jetformer import objectives, optim, sharding, steps  # noqa: E402
 from jetformer.models import jet as jet_lib  # noqa: E402
 
 CONFIGS = {
     "J-small": dict(image=32, batch=32, ps=4, depth=8, block_depth=2, emb_dim=256, num_heads=4),
     "J-64": dict(image=64, batch=16, ps=4, depth=16, block_depth=2, emb_dim=256, num_heads=4),
 }
-
-
-def matmul_peak(n=2048, dtype=jnp.float32, repeats=10):
-  """Measured FLOP/s of a large square matmul: the machine's practical peak."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ a)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
 
 
 def step_flops(cfg, tx, state, data, key):
@@ -52,10 +36,8 @@ def step_flops(cfg, tx, state, data, key):
   unrolled = dataclasses.replace(cfg, scan=False)
   graphdef, _, _ = steps.abstract_model(unrolled)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.0,
-                                   label_drop_prob=0.0))
-  cost = step.lower(state, data, key).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
+                                   objective=objectives.JetObjective(0.0)))
+  return timing.flops(step, state, data, key)
 
 
 def main():
@@ -85,37 +67,15 @@ def main():
       {"image": rng.integers(0, 256, (batch, size, size, 3)).astype(np.float32) / 127.5 - 1,
        "label": np.zeros((batch,), np.int32)}, mesh)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.0,
-                                   label_drop_prob=0.0), donate_argnums=0)
+                                   objective=objectives.JetObjective(0.0)), donate_argnums=0)
   key = jax.random.key(0)
 
-  t = time.perf_counter()
-  compiled = step.lower(state, data, key).compile()
-  state, metrics = compiled(state, data, key)
-  jax.block_until_ready(metrics)
-  first_step_s = time.perf_counter() - t
-  flops = step_flops(cfg, tx, state, data, key)
-
-  times = []
-  for i in range(args.warmup + args.steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, data, jax.random.fold_in(key, i))
-    jax.block_until_ready(metrics)
-    if i >= args.warmup:
-      times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
-  peak = matmul_peak()
-  print(json.dumps({
-      "config": args.config, "remat": args.remat, "devices": jax.device_count(),
-      "backend": jax.default_backend(), "batch": batch,
-      "step_s_median": round(step_s, 4),
-      "images_per_s_median": round(batch / step_s, 2),
-      "first_step_s": round(first_step_s, 2),
-      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      "flops_per_step": flops,
-      "matmul_peak_flops": round(peak),
-      "matmul_fraction": round(flops / step_s / peak, 4),
-      "bpd": float(metrics["bpd"]),
-  }))
+  first_step_s, step_s, state, metrics = timing.time_steps(
+      step, state, data, key, warmup=args.warmup, steps=args.steps)
+  result = timing.report(config=args.config, remat=args.remat, batch=batch,
+                         first_step_s=first_step_s, step_s=step_s,
+                         flops_per_step=step_flops(cfg, tx, state, data, key))
+  print(json.dumps({**result, "bpd": float(metrics["bpd"])}))
 
 
 if __name__ == "__main__":

@@ -64,3 +64,46 @@ def _merge(config, overrides, prefix, keep):
 def command_line_keys(argv):
   """Dotted config keys set on the command line (--config.a.b=v), for `finalize`'s `keep`."""
   return {a.split("=")[0].removeprefix("--config.") for a in argv if a.startswith("--config.")}
+
+
+# JetFormer decoder sizes (DESIGN section 2), picked by the studies' `variant` argument.
+DECODERS = {
+    "350M": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16, head_dim=64),
+    "1.3B": dict(width=1536, depth=48, mlp_dim=6144, num_heads=16, head_dim=96),
+}
+
+
+def jetformer_base(*, dataset, image_size, variant="350M", train_split="train",
+                   eval_split="validation"):
+  """Every key a JetFormer study has (the paper's class-conditional ImageNet 256 values)."""
+  c = jet_base(dataset=dataset, image_size=image_size, train_split=train_split,
+               eval_split=eval_split)
+  c.task = "jetformer"
+  del c.label_drop_prob                  # JetFormer: objective.cfg_drop_prob
+  # tokenizer: "" = class-conditional (the label is the text), "dataset" = the
+  # dataset's own (offline demos), else a sentencepiece .model path.
+  c.text = dict(tokenizer="", max_len=0)
+  c.model = dict(
+      patch_size=16, latent_dim=128, num_mixtures=1024, vocab_size=1000, num_vocab_repeats=16,
+      tie_embeddings=True, noncausal_prefix=False, pre_proj="none", pca_path="",
+      head_dtype="float32",
+      jet=dict(depth=32, block_depth=4 if variant == "350M" else 6, emb_dim=512, num_heads=8,
+               scale_factor=2.0, kinds=("channels",), channel_projs=("random",),
+               spatial_projs=ALL_SPATIAL, num_classes=0, remat="dots", scan=True,
+               dtype="float32"),
+      decoder=dict(DECODERS[variant], num_kv_heads=1, dropout=0.1, remat="dots", scan=True,
+                   dtype="float32", rope_max_wavelength=10_000.0))
+  c.objective = dict(text_prefix_prob=1.0, text_loss_weight=1.0, loss_on_prefix=False,
+                     cfg_drop_prob=0.1, noise_sigma0=64.0, noise_sigma_final=0.0,
+                     teacher_noise=0.3, frozen_flow=False)
+  c.batch_size = 2048
+  c.num_epochs = 500.0
+  c.optim.update(lr=1e-3, weight_decay=1e-4)
+  c.eval_batch_size = 256
+  c.local = dict(
+      model=dict(patch_size=4, latent_dim=16, num_mixtures=8,
+                 jet=dict(depth=2, block_depth=1, emb_dim=32, num_heads=2),
+                 decoder=dict(width=64, depth=2, mlp_dim=128, num_heads=2, head_dim=32)),
+      dataset=dict(image_size=16), batch_size=8, total_steps=4, log_every=1, eval_every=4,
+      ckpt_every=4, eval_batch_size=16, optim=dict(mu_dtype=""))
+  return c

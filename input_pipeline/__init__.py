@@ -1,4 +1,5 @@
-"""Input pipeline: offline TFDS datasets, image folders and grain batches."""
+"""Input pipeline: offline TFDS datasets, image folders, captions, tokenizers
+and grain batches."""
 from input_pipeline import datasets  # noqa: F401  (registers TFDS builders)
 from input_pipeline.pipeline import make_eval_iterator
 from input_pipeline.pipeline import make_train_iterator
@@ -8,3 +9,7 @@ from input_pipeline.png_baseline import raw_images
 from input_pipeline.sources import DatasetNotFoundError
 from input_pipeline.sources import KNOWN as KNOWN_DATASETS
 from input_pipeline.sources import SPLITS
+from input_pipeline.text import dataset_tokenizer
+from input_pipeline.text import load_tokenizer
+from input_pipeline.text import resolve_tokenizer
+from input_pipeline.text import Tokenizer

@@ -1,15 +1,16 @@
 """Dataset names -> random-access sources: TFDS array_record, folders."""
-import pathlib
-
 import tensorflow_datasets as tfds
 
 from input_pipeline import datasets
+from input_pipeline.caption_folder import CaptionFolderSource
 from input_pipeline.image_folder import ImageFolderSource, split_root
 
 FOLDER_PREFIX = "folder:"
+CAPTIONS_PREFIX = "captions:"
 
-# User-facing split name -> TFDS split name, per dataset. TFDS slicing such as
-# "validation[:10%]" keeps working: only the part before "[" is mapped.
+# User-facing split name -> TFDS split name, per dataset. TFDS slicing and
+# sums such as "validation[:10%]" or "train+restval" keep working: only the
+# name before any "[" of each "+" part is mapped.
 SPLITS = {
     "digits": {"train": "train", "validation": "validation"},
     "photo_patches": {"train": "train", "validation": "validation"},
@@ -23,8 +24,12 @@ SPLITS = {
                                    "validation": "validation"},
     # The ImageNet test split has no labels, so it is not offered.
     "imagenet2012": {"train": "train", "validation": "validation"},
+    # Karpathy & Li splits; the usual "Karpathy train" is "train+restval".
+    "coco_captions": {"train": "train", "restval": "restval",
+                      "validation": "val", "test": "test"},
 }
-KNOWN = tuple(SPLITS) + (FOLDER_PREFIX + "/abs/path",)
+KNOWN = tuple(SPLITS) + (FOLDER_PREFIX + "/abs/path",
+                         CAPTIONS_PREFIX + "/abs/path")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -32,25 +37,31 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def check_name(name: str) -> None:
-  if not (name.startswith(FOLDER_PREFIX) or name in SPLITS):
+  if not (name.startswith((FOLDER_PREFIX, CAPTIONS_PREFIX)) or name in SPLITS):
     raise ValueError(
         f"Unknown dataset {name!r}. Known datasets: {', '.join(KNOWN)}.")
 
 
 def tfds_split(name: str, split: str) -> str:
   """Maps a user-facing split ("validation[:50%]") to the TFDS one."""
-  base, bracket, rest = split.partition("[")
-  if base not in SPLITS[name]:
-    raise ValueError(f"Dataset {name!r} has no split {base!r}; splits: "
-                     f"{', '.join(SPLITS[name])}.")
-  return SPLITS[name][base] + bracket + rest
+  parts = []
+  for part in split.split("+"):
+    base, bracket, rest = part.partition("[")
+    if base not in SPLITS[name]:
+      raise ValueError(f"Dataset {name!r} has no split {base!r}; splits: "
+                       f"{', '.join(SPLITS[name])}.")
+    parts.append(SPLITS[name][base] + bracket + rest)
+  return "+".join(parts)
 
 
 def open_source(name: str, split: str, data_dir: str | None = None):
-  """Random-access source of dicts with "image" (array or bytes), "label"."""
+  """Random-access source of dicts with "image" (array or bytes) and some of
+  "label" and "captions"."""
   check_name(name)
   if name.startswith(FOLDER_PREFIX):
     return ImageFolderSource(split_root(name[len(FOLDER_PREFIX):], split))
+  if name.startswith(CAPTIONS_PREFIX):
+    return CaptionFolderSource(name[len(CAPTIONS_PREFIX):], split)
   if name in datasets.OFFLINE:
     prepare_offline(name, data_dir)
   split = tfds_split(name, split)
@@ -61,7 +72,8 @@ def open_source(name: str, split: str, data_dir: str | None = None):
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
       raise  # Prepared but unreadable, e.g. a missing split: TFDS says why.
-    missing = how_to_prepare(name, str(builder.data_dir))
+    missing = how_to_prepare(name, builder.data_dir,
+                             str(builder.data_dir_root))
     raise DatasetNotFoundError(missing) from e
 
 
@@ -75,10 +87,8 @@ def prepare_offline(name: str, data_dir: str | None) -> None:
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
-def how_to_prepare(name: str, looked_in: str) -> str:
+def how_to_prepare(name: str, looked_in: str, root: str) -> str:
   """Error text: what is missing, where we looked, how to build it."""
-  # looked_in is root/<name>[/<config>]/<version>.
-  root = pathlib.Path(looked_in).parents[name.count("/") + 1]
   build = (f"tfds build {name} --data_dir={root} "
            "--file_format=array_record")
   text = (f"Dataset {name!r} is not prepared: no array_record dataset at "

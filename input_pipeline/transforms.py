@@ -8,12 +8,15 @@ import numpy as np
 from PIL import Image
 
 
+@dataclasses.dataclass(frozen=True)
 class DecodeExample(grain.transforms.Map):
-  """Source dict -> {"image": [H, W, 3] uint8, "label": int32}.
+  """Source dict -> {"image": [H, W, 3] uint8, "label": int32} and, with
+  `captions`, "captions": list of str.
 
   Decodes encoded image bytes, copies grey to RGB and drops other features.
   Sources without labels (downsampled_imagenet) get label 0.
   """
+  captions: bool = False
 
   def map(self, element):
     image = element["image"]
@@ -25,7 +28,24 @@ class DecodeExample(grain.transforms.Map):
       image = image[..., None]
     if image.shape[-1] == 1:
       image = np.repeat(image, 3, axis=-1)  # [H, W, 3]
-    return {"image": image, "label": np.int32(element.get("label", 0))}
+    decoded = {"image": image, "label": np.int32(element.get("label", 0))}
+    if self.captions:
+      decoded["captions"] = caption_list(element)
+    return decoded
+
+
+def caption_list(element) -> list[str]:
+  """Captions as str, from a list (digits, captions folders) or from
+  coco_captions' {"text": [n], "id": [n]}; str or bytes either way."""
+  if "captions" not in element:
+    raise ValueError(
+        "Text needs a dataset with captions (digits, coco_captions, "
+        f"captions:<dir>); this one's examples have only {sorted(element)}.")
+  captions = element["captions"]
+  if isinstance(captions, dict):
+    captions = captions["text"]
+  return [c.decode("utf-8") if isinstance(c, bytes) else str(c)
+          for c in captions]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +101,16 @@ class AddMask(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class PaddingExample(grain.transforms.Map):
-  """Any index -> an all-zero example with mask 0, to fill the last batch."""
+  """Any index -> an all-zero example with mask 0, to fill the last batch;
+  with `max_len`, also all-zero "text"/"text_mask" [max_len] and caption ""."""
   image_size: int
+  max_len: int | None = None
 
   def map(self, element):
     del element
-    return {"image": np.zeros((self.image_size,) * 2 + (3,), np.float32),
-            "label": np.int32(0), "mask": np.float32(0.0)}
+    padding = {"image": np.zeros((self.image_size,) * 2 + (3,), np.float32),
+               "label": np.int32(0), "mask": np.float32(0.0)}
+    if self.max_len is not None:
+      padding.update(text=np.zeros(self.max_len, np.int32),
+                     text_mask=np.zeros(self.max_len, np.int32), caption="")
+    return padding

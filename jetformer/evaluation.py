@@ -17,7 +17,7 @@ from jetformer import checkpoint, sharding, steps, train
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
-  """A checkpoint on this run's mesh; nnx.merge(graphdef, params, frozen) is the Jet."""
+  """A checkpoint on this run's mesh; nnx.merge(graphdef, params, frozen) is the model."""
   step: int
   state: dict                    # params, frozen[, ema]: no optimizer state
   graphdef: Any
@@ -25,15 +25,16 @@ class Restored:
   mesh: jax.sharding.Mesh
 
 
-def restore(config, workdir, step=None):
+def restore(config, workdir, step=None, data=None):
   """The model weights at `step` (default: the latest) in `workdir`, sharded as `config` says.
 
   The mesh and the sharding rules come from `config`, not from the training
   run, so a checkpoint written on any mesh restores onto the devices present;
-  the optimizer state is not read.
+  the optimizer state is not read. `data` (the input module) resolves a text
+  study's tokenizer.
   """
   mesh = sharding.make_mesh(config.mesh)
-  graphdef, params, frozen = steps.abstract_model(train.jet_config(config))
+  graphdef, params, frozen = steps.abstract_model(train.model_config(config, data))
   ema = config.ema_decay > 0
   shardings = steps.weight_shardings(params, frozen, config.sharding_rules, mesh, ema=ema)
   abstract = {"params": params.to_pure_dict(), "frozen": frozen.to_pure_dict()}
@@ -50,7 +51,7 @@ def restore(config, workdir, step=None):
 def bpd(config, restored, data):
   """val_* bits/dim of the params, val_ema_* of their EMA (as training reports them)."""
   r = restored
-  eval_fn = train.compile_eval_step(r.graphdef, r.shardings, r.mesh)
+  eval_fn = train.compile_eval_step(config, r.graphdef, r.shardings, r.mesh)
   return train.evaluate_state(eval_fn, r.state, train.make_eval_data(config, data), r.mesh,
                               config.seed)
 
@@ -70,7 +71,7 @@ def evaluate_checkpoint(config, workdir, *, data, step=None, tasks=("bpd",)):
   unknown = [t for t in tasks if t not in TASKS]
   if unknown:
     raise ValueError(f"Unknown evaluation tasks {unknown}; known: {sorted(TASKS)}.")
-  restored = restore(config, workdir, step)
+  restored = restore(config, workdir, step, data)
   results = {"step": restored.step}
   for name in tasks:
     results.update(TASKS[name](config, restored, data))

@@ -20,19 +20,24 @@ def decay_mask(params):
 
 
 def make(*, lr, total_steps, warmup_frac=0.1, b1=0.9, b2=0.95, mu_dtype=None,
-         weight_decay=0.0, grad_clip=1.0):
+         weight_decay=0.0, grad_clip=1.0, frozen=()):
   """Adam (b2=0.95 by default, optional bfloat16 first moment) as in the Jet paper.
 
   Weight decay is decoupled from the learning rate: each step removes
   `weight_decay * schedule(t) / lr` of a kernel, so `weight_decay` is the
-  per-step shrink at peak learning rate whatever `lr` is.
+  per-step shrink at peak learning rate whatever `lr` is. Top-level parameter
+  groups named in `frozen` (e.g. ("jet",)) are never updated, not even decayed.
   """
   sched = schedule(lr, total_steps, warmup_frac)
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
-  return optax.chain(
+  tx = optax.chain(
       optax.clip_by_global_norm(grad_clip) if grad_clip else optax.identity(),
       optax.scale_by_adam(b1=b1, b2=b2, mu_dtype=mu_dtype),
       optax.add_decayed_weights(weight_decay / lr, mask=decay_mask) if weight_decay
       else optax.identity(),
       optax.scale_by_learning_rate(sched),
   )
+  if not frozen:
+    return tx
+  groups = lambda params: {k: "frozen" if k in frozen else "train" for k in params}
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, groups)

@@ -84,7 +84,10 @@ def replicated(mesh):
 
 
 def global_batch(local_batch, mesh):
-  """This host's numpy batch -> one global jax.Array per key, sharded over the batch."""
+  """This host's numpy batch -> one global jax.Array per numeric key, sharded over the batch.
+
+  Strings (e.g. eval batches' reference captions) stay on the host: dropped here.
+  """
   sharding = batch_sharding(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items() if np.asarray(v).dtype.kind in "biuf"}

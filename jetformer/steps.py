@@ -12,18 +12,26 @@ from flax import nnx
 
 from jetformer import checkpoint, objectives, sharding
 from jetformer.models import jet as jet_lib
+from jetformer.models import jetformer as jetformer_lib
+
+
+def build(cfg, rngs):
+  """The model a config describes: a Jet or a JetFormer."""
+  if isinstance(cfg, jet_lib.JetConfig):
+    return jet_lib.Jet(cfg, rngs=rngs)
+  return jetformer_lib.JetFormer(cfg, rngs=rngs)
 
 
 def abstract_model(cfg):
   """(graphdef, abstract params, abstract frozen) with their logical axes."""
-  model = nnx.eval_shape(lambda: jet_lib.Jet(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
   graphdef, params, frozen = nnx.split(model, nnx.Param, jet_lib.Frozen)
   return graphdef, params, frozen
 
 
 def init_state(cfg, tx, ema, seed):
   """The train state: step, params, frozen permutations, optimizer state, [EMA]."""
-  _, params, frozen = nnx.split(jet_lib.Jet(cfg, rngs=nnx.Rngs(seed)), nnx.Param, jet_lib.Frozen)
+  _, params, frozen = nnx.split(build(cfg, nnx.Rngs(seed)), nnx.Param, jet_lib.Frozen)
   params = params.to_pure_dict()
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
            "frozen": frozen.to_pure_dict(), "opt": tx.init(params)}
@@ -52,10 +60,11 @@ def state_shardings(tx, abstract_state, params, frozen, rules, mesh):
   return {"step": repl, "opt": opt_sh, **out}
 
 
-def train_step(state, batch, key, *, graphdef, tx, ema_decay, label_drop_prob):
+def train_step(state, batch, key, *, graphdef, tx, ema_decay, objective, total_steps=1):
   def loss_fn(params):
-    jet = nnx.merge(graphdef, params, state["frozen"])
-    return objectives.jet_loss(jet, batch, key, label_drop_prob)
+    model = nnx.merge(graphdef, params, state["frozen"])
+    progress = state["step"].astype(jnp.float32) / total_steps
+    return objectives.loss(model, batch, key, objective, progress)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -67,10 +76,6 @@ def train_step(state, batch, key, *, graphdef, tx, ema_decay, label_drop_prob):
   return new, metrics
 
 
-def eval_step(params, frozen, batch, key, *, graphdef):
-  """Sums of per-example bpd terms over the real (unpadded) examples."""
-  jet = nnx.merge(graphdef, params, frozen)
-  terms = objectives.jet_bpd(jet, batch, key)
-  out = {k: jnp.sum(v * batch["mask"]) for k, v in terms.items()}
-  out["count"] = jnp.sum(batch["mask"])
-  return out
+def eval_step(params, frozen, batch, key, *, graphdef, objective):
+  """{metric: (sum, count)} over the real (unpadded) examples of the batch."""
+  return objectives.eval_sums(nnx.merge(graphdef, params, frozen), batch, key, objective)

@@ -14,8 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jetformer import checkpoint, optim, sharding, steps
+from jetformer import checkpoint, objectives, optim, sharding, steps
+from jetformer.models import gemma
 from jetformer.models import jet as jet_lib
+from jetformer.models import jetformer as jetformer_lib
+
+
+def is_jetformer(config):
+  return config.get("task", "jet") == "jetformer"
 
 
 def jet_config(config):
@@ -23,15 +29,50 @@ def jet_config(config):
   return jet_lib.JetConfig(image_shape=(size, size, 3), **config.model)
 
 
+def jetformer_config(config, data):
+  """JetFormerConfig; a text study's vocabulary size comes from its tokenizer."""
+  m = config.model.to_dict()
+  size, p = config.dataset.image_size, m["patch_size"]
+  if size % p:
+    raise ValueError(f"dataset.image_size={size} is not divisible by model.patch_size={p}.")
+  jet = jet_lib.JetConfig(image_shape=(size // p, size // p, p * p * 3), ps=1, **m.pop("jet"))
+  if config.text.tokenizer:
+    m["vocab_size"] = data.text.load_tokenizer(tokenizer_path(config, data)).vocab_size
+  return jetformer_lib.JetFormerConfig(image_shape=(size, size, 3), jet=jet,
+                                       decoder=gemma.DecoderConfig(**m.pop("decoder")), **m)
+
+
+def model_config(config, data=None):
+  return jetformer_config(config, data) if is_jetformer(config) else jet_config(config)
+
+
+def objective(config):
+  if is_jetformer(config):
+    return objectives.JetFormerObjective(**config.objective)
+  return objectives.JetObjective(label_drop_prob=config.label_drop_prob)
+
+
+def tokenizer_path(config, data):
+  path, ds = config.text.tokenizer, config.dataset
+  return data.text.dataset_tokenizer(ds.name, ds.data_dir) if path == "dataset" else path
+
+
+def text_options(config, data):
+  """The input pipeline's `text` argument: None for class-conditional studies."""
+  if not is_jetformer(config) or not config.text.tokenizer:
+    return None
+  return {"tokenizer": tokenizer_path(config, data), "max_len": config.text.max_len}
+
+
 def evaluate(eval_fn, params, frozen, data, mesh, seed):
-  """Validation bits/dim (mean over examples), fresh noise per batch."""
+  """Validation metrics (each a mean over its examples or tokens), fresh noise per batch."""
   totals = None
   for i, local in enumerate(data):
     batch = sharding.global_batch(local, mesh)
     sums = eval_fn(params, frozen, batch, jax.random.fold_in(jax.random.key(seed), i))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
-  return {k: float(v / totals["count"]) for k, v in totals.items() if k != "count"}
+  return {k: float(s / max(n, 1)) for k, (s, n) in totals.items()}
 
 
 def num_train_steps(config, data):
@@ -43,9 +84,10 @@ def num_train_steps(config, data):
 
 
 def check_finite(metrics, step):
-  if not np.isfinite(metrics["bpd"]):
+  bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(v))}
+  if bad:
     raise FloatingPointError(
-        f"Loss is {metrics['bpd']} at step {step}. The last good checkpoint is kept; "
+        f"Non-finite {bad} at step {step}. The last good checkpoint is kept; "
         "lower optim.lr, raise optim.warmup_frac or check the input data, then rerun.")
 
 
@@ -53,22 +95,34 @@ def make_eval_data(config, data):
   ds = config.dataset
   return lambda: data.make_eval_iterator(
       name=ds.name, split=ds.eval_split, image_size=ds.image_size,
-      global_batch_size=config.eval_batch_size, data_dir=ds.data_dir)
+      global_batch_size=config.eval_batch_size, data_dir=ds.data_dir,
+      **_text_kwargs(config, data))
 
 
-def compile_train_step(config, graphdef, tx, shardings, mesh):
+def _text_kwargs(config, data):
+  text = text_options(config, data)
+  return {} if text is None else {"text": text}
+
+
+def make_optimizer(config, total_steps):
+  frozen = ("jet",) if is_jetformer(config) and config.objective.frozen_flow else ()
+  return optim.make(total_steps=total_steps, frozen=frozen, **config.optim)
+
+
+def compile_train_step(config, graphdef, tx, shardings, mesh, total_steps):
   """The jitted train step, donating the state, explicitly sharded."""
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(
       functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=config.ema_decay,
-                        label_drop_prob=config.label_drop_prob),
+                        objective=objective(config), total_steps=total_steps),
       in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
       donate_argnums=0)
 
 
-def compile_eval_step(graphdef, shardings, mesh):
+def compile_eval_step(config, graphdef, shardings, mesh):
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(functools.partial(steps.eval_step, graphdef=graphdef),
+  return jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
+                                   objective=objective(config)),
                  in_shardings=(shardings["params"], shardings["frozen"], batch_sh, repl),
                  out_shardings=repl)
 
@@ -93,8 +147,8 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
       `lambda n: clu.periodic_actions.ReportProgress(num_train_steps=n, writer=writer)`.
   """
   mesh = sharding.make_mesh(config.mesh)
-  cfg, total, ds = jet_config(config), num_train_steps(config, data), config.dataset
-  tx = optim.make(total_steps=total, **config.optim)
+  cfg, total, ds = model_config(config, data), num_train_steps(config, data), config.dataset
+  tx = make_optimizer(config, total)
   graphdef, params, frozen = steps.abstract_model(cfg)
   init = functools.partial(steps.init_state, cfg, tx, config.ema_decay > 0, config.seed)
   abstract_state = jax.eval_shape(init)
@@ -103,17 +157,18 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
   train_iter = data.make_train_iterator(
       name=ds.name, split=ds.train_split, image_size=ds.image_size,
       global_batch_size=config.batch_size, seed=config.seed, data_dir=ds.data_dir,
-      flip=ds.flip, worker_count=ds.worker_count)
+      flip=ds.flip, worker_count=ds.worker_count, **_text_kwargs(config, data))
   eval_data = make_eval_data(config, data)
 
   mgr = checkpoint.manager(workdir, save_every=config.ckpt_every, keep=config.keep_ckpts)
   step, state = checkpoint.restore(mgr, checkpoint.abstract(abstract_state, shardings), train_iter)
   if state is None:
     state = jax.jit(init, out_shardings=shardings)()
-  logging.info("Jet: %d parameters, starting at step %d of %d.",
+  logging.info("%s: %d parameters, starting at step %d of %d.",
+               type(cfg).__name__.removesuffix("Config"),
                sum(x.size for x in jax.tree.leaves(params)), step, total)
-  train_fn = compile_train_step(config, graphdef, tx, shardings, mesh)
-  eval_fn = compile_eval_step(graphdef, shardings, mesh)
+  train_fn = compile_train_step(config, graphdef, tx, shardings, mesh, total)
+  eval_fn = compile_eval_step(config, graphdef, shardings, mesh)
   report = progress(total)
   key, history = jax.random.key(config.seed), []
 

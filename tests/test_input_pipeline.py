@@ -69,7 +69,7 @@ def test_digits_prepares_offline(data_dir):
   assert ip.num_examples("digits", "train", data_dir) == 1497
   assert ip.num_examples("digits", "validation", data_dir) == 300
   builder = tfds.builder("digits", data_dir=data_dir)
-  assert str(builder.version) == "1.0.0"
+  assert str(builder.version) == "1.1.0"
   assert builder.info.features["label"].num_classes == 10
   source = tfds.data_source("digits", split="validation", data_dir=data_dir)
   images = np.stack([source[i]["image"] for i in range(len(source))])
@@ -271,6 +271,7 @@ def test_resize_is_centre_square_and_skips_right_size():
     ("imagenet_resized/64x64", 64),
     ("downsampled_imagenet/64x64", 64),
     ("imagenet2012", 64),
+    ("imagenet2012", 256),  # Class-conditional ImageNet 256.
 ])
 def test_real_datasets_through_the_pipeline(name, size, tmp_path):
   with tfds.testing.mock_data(num_examples=6,
@@ -288,7 +289,9 @@ def test_real_datasets_through_the_pipeline(name, size, tmp_path):
   assert batch["image"].shape == (4, size, size, 3)
   assert batch["image"].dtype == np.float32
   assert -1 <= batch["image"].min() and batch["image"].max() <= 1
-  assert batch["label"].dtype == np.int32
+  assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
+  if name == "imagenet2012":
+    assert ((0 <= batch["label"]) & (batch["label"] < 1000)).all()
   if name.startswith("downsampled_imagenet"):
     assert (batch["label"] == 0).all()  # It has no labels.
   assert [b["mask"].tolist() for b in evals] == [[1] * 4, [1, 1, 0, 0]]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import common, digits_jet
-from jetformer import optim, sharding, steps, train
+from jetformer import objectives, optim, sharding, steps, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def one_step(config, mesh, batch):
                                     config.sharding_rules, mesh)
   state = jax.jit(init, out_shardings=shardings)()
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.9,
-                                   label_drop_prob=0.5),
+                                   objective=objectives.JetObjective(0.5)),
                  out_shardings=(shardings, sharding.replicated(mesh)))
   batch = sharding.global_batch(batch, mesh)
   for i in range(2):

@@ -1,0 +1,63 @@
+"""What the train-step benchmarks share: the machine's matmul peak, step timing, the JSON line."""
+
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def matmul_peak(n=2048, dtype=jnp.float32, repeats=10):
+  """Measured FLOP/s of a large square matmul: the machine's practical peak."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ a)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def flops(jitted, *args):
+  """FLOPs of one call from XLA's cost analysis (scan bodies count once: unroll first)."""
+  cost = jitted.lower(*args).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+def time_steps(step, state, data, key, *, warmup, steps):
+  """(first-step seconds incl. compile, median step seconds, final state, metrics).
+
+  `step(state, data, key) -> (state, metrics)` is jitted and donates the state.
+  """
+  t = time.perf_counter()
+  compiled = step.lower(state, data, key).compile()
+  state, metrics = compiled(state, data, key)
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - t
+  times = []
+  for i in range(warmup + steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, data, jax.random.fold_in(key, i))
+    jax.block_until_ready(metrics)
+    if i >= warmup:
+      times.append(time.perf_counter() - t)
+  return first, statistics.median(times), state, metrics
+
+
+def report(*, batch, first_step_s, step_s, flops_per_step, **extra):
+  """The benchmarks' JSON line fields (throughput, compile, memory, FLOPs, matmul fraction)."""
+  peak = matmul_peak()
+  return {
+      **extra, "devices": jax.device_count(), "backend": jax.default_backend(), "batch": batch,
+      "step_s_median": round(step_s, 4),
+      "images_per_s_median": round(batch / step_s, 2),
+      "first_step_s": round(first_step_s, 2),
+      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "flops_per_step": flops_per_step,
+      "matmul_peak_flops": round(peak),
+      "matmul_fraction": round(flops_per_step / step_s / peak, 4),
+  }

@@ -1,0 +1,44 @@
+"""Class-conditional JetFormer on ImageNet 256x256 (DESIGN.md section 2), 350M or 1.3B.
+
+Images are cut into 16x16 patches (256 tokens of 768 values); a 32-coupling Jet
+adaptor (channel couplings, 512 wide, 8 heads, block depth 4 / 6) runs on that
+token grid and is trained jointly with a Gemma decoder (multi-query attention,
+dropout 0.1) that models the first 128 latent dims of every token with a
+mixture of 1024 Gaussians; the other 640 dims are factored out to N(0, 1). The
+class is a 16-token prefix (16 embedding tables), replaced by NOLABEL for 10% of
+examples (classifier-free guidance). RGB noise curriculum from sigma 64 to 0.
+Adam b2 0.95, lr 1e-3, decoupled weight decay 1e-4, batch 2048, 500 epochs;
+parameters sharded FSDP-style over all devices.
+
+  python main.py --config=configs/jetformer_imagenet256.py --workdir=/tmp/jf_in256
+  python main.py --config=configs/jetformer_imagenet256.py:1.3B --workdir=/tmp/jf_in256_1b
+
+Paper: FID 6.64 for the largest (2.75B) model; the training loss reported here
+is the image NLL in bits per subpixel (`image_bpd`).
+
+Ablations of the paper, each one override on the command above:
+  no noise curriculum:       --config.objective.noise_sigma0=0
+  no factoring out:          --config.model.latent_dim=0          (model all 768 dims)
+  frozen flow:               --config.objective.frozen_flow=True
+  learned pre-projection:    --config.model.pre_proj=learned
+  PCA pre-projection:        --config.model.pre_proj=pca --config.model.pca_path=pca.npz
+                             (make pca.npz with `python -m input_pipeline.pca
+                             --config=configs/jetformer_imagenet256.py --out=pca.npz`)
+  single Gaussian:           --config.model.num_mixtures=1
+  one class token:           --config.model.num_vocab_repeats=1
+
+Smoke test on any machine (a tiny model, 16x16 images, a few steps):
+
+  python main.py --config=configs/jetformer_imagenet256.py --workdir=/tmp/jf_smoke \
+      --config.runlocal=True
+"""
+
+from configs import common
+
+
+def get_config(variant="350M"):
+  if variant not in common.DECODERS:
+    raise ValueError(f"Unknown size {variant!r}: use one of {list(common.DECODERS)}.")
+  c = common.jetformer_base(dataset="imagenet2012", image_size=256, variant=variant)
+  c.local.update(dataset=dict(image_size=16, eval_split="validation[:32]"))
+  return c
