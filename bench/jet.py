@@ -15,10 +15,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bench import timing  # noqa: E402
-from jetformer import objectives, optim, sharding, steps  # noqa: E402
+from jetformer import objectives, optim, steps  # noqa: E402
 from jetformer.models import jet as jet_lib  # noqa: E402
 
 CONFIGS = {
@@ -56,16 +55,9 @@ def main():
   cfg = jet_lib.JetConfig(image_shape=(size, size, 3), kinds=("channels", "channels", "spatial"),
                           remat=args.remat, scan=bool(args.scan), **spec)
 
-  mesh = sharding.make_mesh([("data", -1)])
   tx = optim.make(lr=3e-4, total_steps=1000, mu_dtype=args.mu_dtype, weight_decay=1e-5)
-  graphdef, params, frozen = steps.abstract_model(cfg)
-  init = functools.partial(steps.init_state, cfg, tx, False, 0)
-  shardings = steps.state_shardings(tx, jax.eval_shape(init), params, frozen, (), mesh)
-  state = jax.jit(init, out_shardings=shardings)()
-  rng = np.random.default_rng(0)
-  data = sharding.global_batch(
-      {"image": rng.integers(0, 256, (batch, size, size, 3)).astype(np.float32) / 127.5 - 1,
-       "label": np.zeros((batch,), np.int32)}, mesh)
+  _, state, data = timing.setup(cfg, tx, size, batch, num_classes=0)
+  graphdef, _, _ = steps.abstract_model(cfg)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.0,
                                    objective=objectives.JetObjective(0.0)), donate_argnums=0)
   key = jax.random.key(0)

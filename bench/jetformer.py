@@ -7,7 +7,6 @@ sees. Prints one JSON line at the end. Needs no TensorFlow.
 """
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -16,10 +15,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bench import timing  # noqa: E402
-from jetformer import objectives, optim, sharding, steps  # noqa: E402
+from jetformer import objectives, optim, steps  # noqa: E402
 from jetformer.models import gemma  # noqa: E402
 from jetformer.models import jet as jet_lib  # noqa: E402
 from jetformer.models import jetformer as jf  # noqa: E402
@@ -64,16 +62,8 @@ def main():
   batch, size = args.batch or spec["batch"], spec["image"]
   cfg = model_config(spec, args.remat, scan=True)
 
-  mesh = sharding.make_mesh([("data", -1)])
   tx = optim.make(lr=1e-3, total_steps=1000, weight_decay=1e-4)
-  _, params, frozen = steps.abstract_model(cfg)
-  init = functools.partial(steps.init_state, cfg, tx, False, 0)
-  shardings = steps.state_shardings(tx, jax.eval_shape(init), params, frozen, (), mesh)
-  state = jax.jit(init, out_shardings=shardings)()
-  rng = np.random.default_rng(0)
-  data = sharding.global_batch(
-      {"image": rng.integers(0, 256, (batch, size, size, 3)).astype(np.float32) / 127.5 - 1,
-       "label": rng.integers(0, spec["vocab_size"], (batch,)).astype(np.int32)}, mesh)
+  _, state, data = timing.setup(cfg, tx, size, batch, spec["vocab_size"])
   key = jax.random.key(0)
   first_step_s, step_s, state, metrics = timing.time_steps(
       train_step(cfg, tx, donate_argnums=0), state, data, key,

@@ -4,8 +4,27 @@ import resource
 import statistics
 import time
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jetformer import sharding, steps
+
+
+def setup(cfg, tx, size, batch, num_classes):
+  """(mesh, train state, one random batch of images and labels) on all devices."""
+  mesh = sharding.make_mesh([("data", -1)])
+  _, params, frozen = steps.abstract_model(cfg)
+  init = functools.partial(steps.init_state, cfg, tx, False, 0)
+  shardings = steps.state_shardings(tx, jax.eval_shape(init), params, frozen, (), mesh)
+  state = jax.jit(init, out_shardings=shardings)()
+  rng = np.random.default_rng(0)
+  data = sharding.global_batch(
+      {"image": rng.integers(0, 256, (batch, size, size, 3)).astype(np.float32) / 127.5 - 1,
+       "label": rng.integers(0, max(num_classes, 1), (batch,)).astype(np.int32)}, mesh)
+  return mesh, state, data
 
 
 def matmul_peak(n=2048, dtype=jnp.float32, repeats=10):

@@ -76,6 +76,8 @@ DECODERS = {
 def jetformer_base(*, dataset, image_size, variant="350M", train_split="train",
                    eval_split="validation"):
   """Every key a JetFormer study has (the paper's class-conditional ImageNet 256 values)."""
+  if variant not in DECODERS:
+    raise ValueError(f"Unknown size {variant!r}: use one of {list(DECODERS)}.")
   c = jet_base(dataset=dataset, image_size=image_size, train_split=train_split,
                eval_split=eval_split)
   c.task = "jetformer"

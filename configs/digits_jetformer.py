@@ -23,12 +23,12 @@ def get_config():
   c.model.decoder.update(width=128, depth=3, mlp_dim=512, num_heads=4, head_dim=32)
   c.objective.update(noise_sigma0=32.0)
   c.batch_size = 64
-  c.total_steps = 2000
+  c.total_steps = 4000
   c.optim.update(lr=1e-3, mu_dtype="", weight_decay=1e-4)
   c.mesh = (("data", -1), ("fsdp", 1))
   c.log_every = 100
-  c.eval_every = 500
-  c.ckpt_every = 500
+  c.eval_every = 1000
+  c.ckpt_every = 1000
   c.eval_batch_size = 128
   c.local = dict(batch_size=16, total_steps=6, log_every=2, eval_every=6, ckpt_every=6)
   return c

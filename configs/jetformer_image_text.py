@@ -27,8 +27,6 @@ from configs import common
 
 
 def get_config(variant="350M"):
-  if variant not in common.DECODERS:
-    raise ValueError(f"Unknown size {variant!r}: use one of {list(common.DECODERS)}.")
   c = common.jetformer_base(dataset="coco_captions", image_size=256, variant=variant)
   c.text = dict(tokenizer="/path/to/spm_32k.model", max_len=64)
   c.model.update(vocab_size=0, num_vocab_repeats=1)   # vocab_size: from the tokenizer

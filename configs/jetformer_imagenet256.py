@@ -37,8 +37,6 @@ from configs import common
 
 
 def get_config(variant="350M"):
-  if variant not in common.DECODERS:
-    raise ValueError(f"Unknown size {variant!r}: use one of {list(common.DECODERS)}.")
   c = common.jetformer_base(dataset="imagenet2012", image_size=256, variant=variant)
   c.local.update(dataset=dict(image_size=16, eval_split="validation[:32]"))
   return c

@@ -37,7 +37,7 @@ def jetformer_config(config, data):
     raise ValueError(f"dataset.image_size={size} is not divisible by model.patch_size={p}.")
   jet = jet_lib.JetConfig(image_shape=(size // p, size // p, p * p * 3), ps=1, **m.pop("jet"))
   if config.text.tokenizer:
-    m["vocab_size"] = data.text.load_tokenizer(tokenizer_path(config, data)).vocab_size
+    m["vocab_size"] = data.load_tokenizer(tokenizer_path(config, data)).vocab_size
   return jetformer_lib.JetFormerConfig(image_shape=(size, size, 3), jet=jet,
                                        decoder=gemma.DecoderConfig(**m.pop("decoder")), **m)
 
@@ -53,8 +53,8 @@ def objective(config):
 
 
 def tokenizer_path(config, data):
-  path, ds = config.text.tokenizer, config.dataset
-  return data.text.dataset_tokenizer(ds.name, ds.data_dir) if path == "dataset" else path
+  return data.resolve_tokenizer(config.text.tokenizer, config.dataset.name,
+                                config.dataset.data_dir)
 
 
 def text_options(config, data):
@@ -121,10 +121,10 @@ def compile_train_step(config, graphdef, tx, shardings, mesh, total_steps):
 
 def compile_eval_step(config, graphdef, shardings, mesh):
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(functools.partial(steps.eval_step, graphdef=graphdef,
-                                   objective=objective(config)),
-                 in_shardings=(shardings["params"], shardings["frozen"], batch_sh, repl),
-                 out_shardings=repl)
+  return jax.jit(
+      functools.partial(steps.eval_step, graphdef=graphdef, objective=objective(config)),
+      in_shardings=(shardings["params"], shardings["frozen"], batch_sh, repl),
+      out_shardings=repl)
 
 
 def evaluate_state(eval_fn, state, eval_data, mesh, seed):

@@ -113,22 +113,9 @@ def test_unknown_key_override_fails():
     parse_command_line("--config.model.detph=64")
 
 
-class Writer:
-  """The two methods train_and_evaluate uses of a clu metric writer."""
-
-  def __init__(self):
-    self.scalars = {}
-
-  def write_scalars(self, step, scalars):
-    self.scalars.setdefault(step, {}).update(scalars)
-
-  def flush(self):
-    pass
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["imagenet64_jet", "imagenet32_jet", "cifar10_jet"])
-def test_runlocal_trains_end_to_end(name, tmp_path):
+def test_runlocal_trains_end_to_end(name, tmp_path, writer):
   config = load(name, runlocal=True)
   with config.unlocked():
     config.dataset.data_dir = str(tmp_path / "tfds")
@@ -136,7 +123,7 @@ def test_runlocal_trains_end_to_end(name, tmp_path):
   workdir = tmp_path / "work"
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
     results = train.train_and_evaluate(config, str(workdir), data=input_pipeline,
-                                       writer=(writer := Writer()),
+                                       writer=writer,
                                        progress=lambda n: (lambda step: None))
   assert np.isfinite(results["val_bpd"]) and 0 < results["val_bpd"] < 20
   steps_done = config.total_steps

@@ -238,3 +238,12 @@ def test_frozen_flow_gets_no_gradient():
     grads = jax.grad(loss)(params, frozen_flow)
     jet_norm = sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(grads["jet"]))
     assert (jet_norm == 0) == frozen_flow
+
+
+def test_every_parameter_has_logical_axes():
+  model = make(pre_proj="learned", tie_embeddings=False)
+  params, frozen = nnx.state(model, nnx.Param, jet_lib.Frozen)
+  for path, v in [*nnx.to_flat_state(params), *nnx.to_flat_state(frozen)]:
+    axes = v.get_metadata().get("axes")
+    stacked = path[0] in ("decoder", "jet") and path[1] in ("layers", "couplings")
+    assert axes is not None and len(axes) + stacked == v.value.ndim, (path, axes)

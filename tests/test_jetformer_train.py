@@ -31,17 +31,6 @@ ABLATIONS = {
 }
 
 
-class Writer:
-  def __init__(self):
-    self.scalars = {}
-
-  def write_scalars(self, step, scalars):
-    self.scalars.setdefault(step, {}).update(scalars)
-
-  def flush(self):
-    pass
-
-
 def local(module, data_dir, **overrides):
   """The study's runlocal config; `overrides` (dotted keys) win over the shrink."""
   config = module.get_config()
@@ -60,8 +49,7 @@ def _get(config, dotted):
   return config
 
 
-def run(config, workdir):
-  writer = Writer()
+def run(config, workdir, writer):
   results = train.train_and_evaluate(config, str(workdir), data=input_pipeline, writer=writer,
                                      progress=lambda n: (lambda step: None))
   return results, writer.scalars
@@ -112,10 +100,10 @@ def test_fsdp_step_equals_single_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_loss_falls_on_digits(tmp_path):
+def test_loss_falls_on_digits(tmp_path, writer):
   config = local(digits_jetformer, tmp_path / "tfds", total_steps=60, log_every=20,
                  eval_every=60, batch_size=32)
-  results, scalars = run(config, tmp_path / "work")
+  results, scalars = run(config, tmp_path / "work", writer)
   bpd = [scalars[s]["train_image_bpd"] for s in (20, 40, 60)]
   assert bpd[0] > bpd[1] > bpd[2] and bpd[0] - bpd[2] > 0.3, bpd
   assert results["val_image_bpd"] < bpd[0]
@@ -137,7 +125,7 @@ def test_pca_of_patches_matches_numpy():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ablation", sorted(ABLATIONS))
-def test_imagenet256_ablations_run(ablation, tmp_path):
+def test_imagenet256_ablations_run(ablation, tmp_path, writer):
   overrides = dict(ABLATIONS[ablation])
   if ablation == "pca_pre_proj":
     rng = np.random.default_rng(0)
@@ -146,9 +134,21 @@ def test_imagenet256_ablations_run(ablation, tmp_path):
     overrides["model.pca_path"] = str(tmp_path / "pca.npz")
   config = local(jetformer_imagenet256, tmp_path / "tfds", **overrides)
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
-    results, scalars = run(config, tmp_path / "work")
+    results, scalars = run(config, tmp_path / "work", writer)
   assert np.isfinite(results["val_image_bpd"]), results
   assert np.isfinite(scalars[config.total_steps]["train_loss"])
+
+
+@pytest.mark.slow
+def test_image_text_runlocal_on_mock_coco(tmp_path, writer):
+  data_dir = tmp_path / "tfds"
+  spm = input_pipeline.dataset_tokenizer("digits", str(data_dir))  # any sentencepiece model
+  config = local(jetformer_image_text, data_dir, **{"dataset.name": "coco_captions",
+                                                    "text.tokenizer": spm})
+  with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+    results, scalars = run(config, tmp_path / "work", writer)
+  assert np.isfinite(results["val_image_bpd"]) and np.isfinite(results["val_text_nll"])
+  assert {"train_text_nll", "train_image_bpd_prefix"} <= set(scalars[config.total_steps])
 
 
 def run_main(config, workdir, data_dir, *flags):
