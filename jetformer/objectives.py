@@ -89,7 +89,7 @@ def jetformer_terms(model, batch, key, obj, *, progress=1.0, text_first=None, tr
     train: RGB noise, CFG dropping, teacher-forcing noise and dropout on.
   """
   cfg = model.cfg
-  ks = jax.random.split(key, 6)
+  ks = jax.random.split(key, 7)
   text, text_mask = text_inputs(cfg, batch)
   image, b = batch["image"], text.shape[0]
   sigma = noise_sigma(progress, obj.noise_sigma0, obj.noise_sigma_final) if train else 0.0
@@ -105,9 +105,9 @@ def jetformer_terms(model, batch, key, obj, *, progress=1.0, text_first=None, tr
   if train and obj.teacher_noise:
     s = jax.random.uniform(ks[4], (b, 1, 1), maxval=obj.teacher_noise)
     inputs = soft + jnp.where(text_first[:, None, None], s, 0) * jax.random.normal(
-        ks[4], soft.shape)
+        ks[5], soft.shape)
   out = model(*drop_prefix(cfg, text, text_mask, drop), inputs, text_first,
-              dropout_key=ks[5] if train else None)
+              dropout_key=ks[6] if train else None)
   m = np.prod(image.shape[1:])
   nll_gmm = -jnp.sum(gmm.log_prob(out.image, soft), 1)                    # [B]
   nll_factored = losses.standard_normal_nll(factored)                     # [B]
