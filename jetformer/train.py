@@ -32,9 +32,7 @@ def jet_config(config):
 def jetformer_config(config, data):
   """JetFormerConfig; a text study's vocabulary size comes from its tokenizer."""
   m = config.model.to_dict()
-  size, p = config.dataset.image_size, m["patch_size"]
-  if size % p:
-    raise ValueError(f"dataset.image_size={size} is not divisible by model.patch_size={p}.")
+  size, p = config.dataset.image_size, m["patch_size"]  # JetFormerConfig checks size % p
   jet = jet_lib.JetConfig(image_shape=(size // p, size // p, p * p * 3), ps=1, **m.pop("jet"))
   if config.text.tokenizer:
     m["vocab_size"] = data.load_tokenizer(tokenizer_path(config, data)).vocab_size
@@ -92,11 +90,10 @@ def check_finite(metrics, step):
 
 
 def make_eval_data(config, data):
-  ds = config.dataset
+  ds, text = config.dataset, _text_kwargs(config, data)  # resolve the tokenizer once
   return lambda: data.make_eval_iterator(
       name=ds.name, split=ds.eval_split, image_size=ds.image_size,
-      global_batch_size=config.eval_batch_size, data_dir=ds.data_dir,
-      **_text_kwargs(config, data))
+      global_batch_size=config.eval_batch_size, data_dir=ds.data_dir, **text)
 
 
 def _text_kwargs(config, data):
