@@ -217,3 +217,34 @@ def test_config_errors():
     gemma.DecoderConfig(num_heads=4, num_kv_heads=3)
   with pytest.raises(ValueError, match="remat"):
     gemma.DecoderConfig(remat="some")
+
+
+@pytest.mark.parametrize("num_kv_heads,bidirectional", [(1, 0), (2, 0), (4, 3)])
+def test_cached_decoding_matches_full_forward(num_kv_heads, bidirectional):
+  """Prefill a padded prompt batch, then extend one token at a time inside lax.scan."""
+  model = make_decoder(num_kv_heads=num_kv_heads)
+  b, p, t = 2, 4, 9
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, D)), jnp.float32)
+  valid = jnp.ones((b, t), bool).at[1, 1:3].set(False)     # row 1: a shorter prompt
+  positions = jnp.cumsum(valid, 1) - 1
+  mask = causal(b, t) & valid[:, None, :]
+  if bidirectional:
+    block = jnp.arange(t) < bidirectional
+    mask |= (block[:, None] & block[None, :])[None] & valid[:, None, :]
+  full = run(model, x, positions, mask)
+
+  @nnx.jit
+  def cached(model, x):
+    cache = gemma.init_cache(model.cfg, b, t)
+    h0, cache = model.extend(x[:, :p], valid[:, :p], cache, bidirectional)
+
+    def step(cache, x_t):
+      h, cache = model.extend(x_t[:, None], jnp.ones((b, 1), bool), cache)
+      return cache, h[:, 0]
+    cache, hs = jax.lax.scan(step, cache, x[:, p:].swapaxes(0, 1))
+    return jnp.concatenate([h0, hs.swapaxes(0, 1)], 1), cache
+
+  out, cache = cached(model, x)
+  np.testing.assert_allclose(out[valid], full[valid], rtol=1e-5, atol=1e-5)
+  assert int(cache.end) == t
+  np.testing.assert_array_equal(cache.next_pos, jnp.sum(valid, 1))

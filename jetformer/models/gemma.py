@@ -11,6 +11,7 @@ Parameter axes name the unstacked layer; `sharding.spec_for` prepends
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -174,11 +175,49 @@ class Block(nnx.Module):
     self.mlp = MlpBlock(cfg, rngs=rngs)
     self.dropout_rate = cfg.dropout
 
+  def cached(self, x, positions, mask, k_cache, v_cache, end):
+    """One layer of `Decoder.extend`: writes this block's k, v at slot `end`, attends to
+    the whole cache. k_cache, v_cache [B, S, K, Dh] -> (x [B, T, D], k_cache, v_cache)."""
+    q, k, v = self.attn.project(self.pre_attention_norm(x), positions)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), end, 1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), end, 1)
+    x = x + self.attn.attend(q, k_cache, v_cache, mask)
+    return x + self.mlp(self.pre_ffw_norm(x)), k_cache, v_cache
+
   def __call__(self, x, positions, mask, dropout_key=None):
     keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     x = x + dropout(self.attn(self.pre_attention_norm(x), positions, mask),
                     self.dropout_rate, keys[0])
     return x + dropout(self.mlp(self.pre_ffw_norm(x)), self.dropout_rate, keys[1])
+
+
+class Cache(NamedTuple):
+  """Keys and values of every layer for S slots, filled left to right by `Decoder.extend`."""
+  k: jax.Array         # [L, B, S, K, Dh]
+  v: jax.Array         # [L, B, S, K, Dh]
+  valid: jax.Array     # [B, S] bool: slot holds a real (not padding) token
+  end: jax.Array       # [] int32: slots filled so far
+  next_pos: jax.Array  # [B] int32: RoPE position of the next real token
+
+
+def init_cache(cfg: DecoderConfig, batch, size):
+  """An empty cache of `size` slots (prompt plus every token to be decoded)."""
+  shape = (cfg.depth, batch, size, cfg.num_kv_heads, cfg.head_dim)
+  return Cache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype),
+               jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32),
+               jnp.zeros((batch,), jnp.int32))
+
+
+def extend_mask(valid, end, t, bidirectional=0):
+  """[B, T, S]: new token t (slot end+t) sees valid slots <= end+t; optionally the first
+  `bidirectional` new tokens see each other (a non-causal prefix)."""
+  s = jnp.arange(valid.shape[1])
+  q = end + jnp.arange(t)                                          # [T] query slots
+  mask = s[None, :] <= q[:, None]
+  if bidirectional:
+    group = (q < end + bidirectional)[:, None] & (s >= end) & (s < end + bidirectional)
+    mask |= group
+  return mask[None] & valid[:, None, :]
 
 
 class Decoder(nnx.Module):
@@ -218,3 +257,29 @@ class Decoder(nnx.Module):
       for i in range(cfg.depth):
         h, _ = body(h, jax.tree.map(lambda a: a[i], (params, index)))
     return self.final_norm(h)
+
+  def extend(self, x, valid, cache: Cache, bidirectional=0):
+    """Appends T tokens to the cache and returns their features (no dropout, no remat).
+
+    x [B, T, D] embeddings, valid [B, T] bool (False: padding, e.g. in a batch of
+    prompts of different lengths; it takes a slot but no position and is never
+    attended to). Prefill a prompt with one call, then decode with T=1.
+    `bidirectional`: the first that many new tokens attend to each other (the
+    non-causal prefix option). -> (h [B, T, D] after the final norm, cache).
+    """
+    t = x.shape[1]
+    valid = valid.astype(bool)
+    positions = cache.next_pos[:, None] + jnp.cumsum(valid, 1) - 1           # [B, T]
+    slots = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.end, 1)
+    mask = extend_mask(slots, cache.end, t, bidirectional)                  # [B, T, S]
+    graphdef, params = nnx.split(self.layers)
+
+    def body(h, layer):
+      p, k_layer, v_layer = layer
+      h, k_layer, v_layer = nnx.merge(graphdef, p).cached(h, positions, mask, k_layer,
+                                                          v_layer, cache.end)
+      return h, (k_layer, v_layer)
+
+    h, (k, v) = jax.lax.scan(body, x.astype(jnp.float32), (params, cache.k, cache.v))
+    cache = Cache(k, v, slots, cache.end + t, cache.next_pos + jnp.sum(valid, 1))
+    return self.final_norm(h), cache
