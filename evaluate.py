@@ -1,9 +1,13 @@
-"""Evaluates a checkpoint: python evaluate.py --config=configs/STUDY.py --workdir=DIR [--step=N].
+"""Evaluates a checkpoint: python evaluate.py --config=configs/STUDY.py --workdir=DIR [--step=N]
+[--tasks=bpd,sample,caption,reconstruct,digits,fid].
 
 Pass the config and the --config.* overrides the run was trained with: they
-give the model, the validation data and the seed of its dequantization noise.
-The mesh may differ (e.g. --config.mesh="(('data',1),('fsdp',1))" on one
-device). Writes DIR/eval_STEP.json and prints the numbers.
+give the model, the validation data and the seed of its dequantization noise;
+--config.sample.* and --config.caption.* set the sampling (e.g.
+--config.sample.cfg_weight=2 --config.sample.prompts_file=prompts.txt). The
+mesh may differ (e.g. --config.mesh="(('data',1),('fsdp',1))" on one device).
+Writes DIR/eval_STEP.json, the tasks' PNG / npz / jsonl files beside it, the
+same to TensorBoard in DIR, and prints the numbers.
 """
 
 import json
@@ -11,6 +15,7 @@ import sys
 
 import jax
 from absl import app, flags
+from clu import metric_writers
 from etils import epath
 from ml_collections import config_flags
 
@@ -31,8 +36,11 @@ def main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   config = common.finalize(_CONFIG.value, keep=common.command_line_keys(sys.argv))
+  writer = metric_writers.create_default_writer(_WORKDIR.value,
+                                                just_logging=jax.process_index() > 0)
   results = evaluation.evaluate_checkpoint(config, _WORKDIR.value, data=input_pipeline,
-                                           step=_STEP.value, tasks=_TASKS.value)
+                                           step=_STEP.value, tasks=_TASKS.value, writer=writer)
+  writer.flush()
   path = epath.Path(_WORKDIR.value) / f"eval_{results['step']}.json"  # epath: gs:// too
   if jax.process_index() == 0:
     path.write_text(json.dumps(results, indent=1))

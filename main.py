@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 import input_pipeline
 from configs import common
-from jetformer import train
+from jetformer import evaluation, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
@@ -50,6 +50,12 @@ def main(argv):
       config, _WORKDIR.value, data=input_pipeline, writer=writer,
       progress=lambda n: periodic_actions.ReportProgress(num_train_steps=n, writer=writer))
   print(summary(results), flush=True)
+  if config.final_tasks:  # e.g. the digits demos: sample grid and classifier scores
+    final = evaluation.evaluate_checkpoint(config, _WORKDIR.value, data=input_pipeline,
+                                           tasks=config.final_tasks, writer=writer)
+    writer.flush()
+    print("Final: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k != "step"),
+          flush=True)
 
 
 def summary(results):

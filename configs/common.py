@@ -32,6 +32,16 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
   c.keep_ckpts = 3
   c.eval_batch_size = 1024
   c.compare_png = False                # print PNG's bits/dim on the validation images at the end
+  # Sampling (evaluate.py --tasks=sample, the sample grid written while training).
+  # cfg_weight, t_scale, t_probs and the prompts are JetFormer's; temperature is Jet's.
+  c.sample = dict(labels=tuple(range(10)), prompts=(), prompts_file="", per_prompt=8,
+                  cfg_weight=3.0, t_scale=0.94, t_probs=1.0, temperature=1.0, batch_size=64,
+                  seed=0, every=0)         # every > 0: a sample grid to TensorBoard every N steps
+  # FID / Inception Score / precision-recall (evaluate.py --tasks=fid): the FID Inception
+  # weights converted by `python -m jetformer.metrics.convert_inception` (README).
+  c.fid = dict(inception_path="", num_samples=50_000, reference_split="", reference_path="",
+               batch_size=200, k=3)  # reference_split "": dataset.eval_split
+  c.final_tasks = ()                   # evaluation tasks main.py runs on the final checkpoint
   c.runlocal = False                   # True: apply `local` below (a few minutes on a laptop CPU)
   c.local = dict(model=dict(depth=4, block_depth=1, emb_dim=64, num_heads=2),
                  batch_size=8, total_steps=5, log_every=1, eval_every=5, ckpt_every=5,
@@ -98,6 +108,8 @@ def jetformer_base(*, dataset, image_size, variant="350M", train_split="train",
   c.objective = dict(text_prefix_prob=1.0, text_loss_weight=1.0, loss_on_prefix=False,
                      cfg_drop_prob=0.1, noise_sigma0=64.0, noise_sigma_final=0.0,
                      teacher_noise=0.3, frozen_flow=False)
+  c.caption = dict(num_examples=64, max_len=0, temperature=0.0, top_k=0, batch_size=64,
+                   seed=0)               # max_len 0: text.max_len; temperature 0: greedy
   c.batch_size = 2048
   c.num_epochs = 500.0
   c.optim.update(lr=1e-3, weight_decay=1e-4)

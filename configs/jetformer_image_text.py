@@ -15,6 +15,13 @@ Data: `coco_captions` (TFDS) by default; your own pairs with
 `--config.dataset.name=captions:/path/to/dir` (DIR/train.jsonl and
 DIR/validation.jsonl of {"image": path, "caption": text} lines).
 
+Samples for your prompts (one per line; paper: CFG weight 9, scale temperature
+0.96) and captions of validation images:
+
+  python evaluate.py --config=configs/jetformer_image_text.py --workdir=/tmp/jf_text \
+      --config.text.tokenizer=/path/to/spm_32k.model --tasks=sample,caption \
+      --config.sample.prompts_file=prompts.txt
+
 The ablations of jetformer_imagenet256.py apply here too.
 
 Smoke test (a tiny model on the offline digits captions and their tokenizer):
@@ -33,6 +40,11 @@ def get_config(variant="350M"):
   c.objective.update(text_prefix_prob=0.5, text_loss_weight=0.0025, noise_sigma_final=3.0)
   c.batch_size = 4096
   c.num_epochs = 50.0                  # the paper trains on WebLI; COCO is far smaller
+  c.sample.update(cfg_weight=9.0, t_scale=0.96, prompts=(
+      "a dog on a skateboard", "a red double-decker bus", "a bowl of fruit on a table",
+      "a snowy mountain at sunset"))
   c.local.update(dataset=dict(name="digits", image_size=16, flip=False),
-                 text=dict(tokenizer="dataset", max_len=16))
+                 text=dict(tokenizer="dataset", max_len=16),
+                 sample=dict(prompts=("the digit 3", "a handwritten seven"), per_prompt=2,
+                             batch_size=8))
   return c

@@ -1,6 +1,7 @@
 """Input pipeline: offline TFDS datasets, image folders, captions, tokenizers
 and grain batches."""
 from input_pipeline import datasets  # noqa: F401  (registers TFDS builders)
+from input_pipeline import digits_score  # noqa: F401  (evaluation's `digits` task)
 from input_pipeline.pipeline import make_eval_iterator
 from input_pipeline.pipeline import make_train_iterator
 from input_pipeline.pipeline import num_examples

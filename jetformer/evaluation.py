@@ -1,24 +1,41 @@
-"""Evaluating a checkpoint: restore the train state onto this run's mesh, run named tasks.
+"""Evaluating a checkpoint: restore the weights onto this run's mesh, run named tasks.
 
-A task takes (config, restored checkpoint, input module) and returns metrics;
-`bpd` is validation bits/dim with fresh dequantization noise, of the params
-and of their EMA when the study keeps one, named as training logs them. The
-entry point (evaluate.py) passes in the input module, so that this package
+A task takes a `Context` (config, restored checkpoint, input module, workdir,
+metric writer) and returns {metric: number}; pictures, samples and captions
+go to files in the workdir (and the writer, for TensorBoard). The entry point
+(evaluate.py) passes in the input module and the writer, so that this package
 never imports TensorFlow.
+
+  bpd          validation bits/dim (Jet) or bits/subpixel and text NLL (JetFormer)
+  sample       a PNG grid and an .npz of samples for the config's classes or prompts
+  caption      captions for validation images beside their references (text studies)
+  reconstruct  original | factored-out dims resampled | RGB noise at sigma0 (JetFormer)
+  digits       the offline digits demos' scores from a classifier (no external weights)
+  fid          FID, Inception Score, precision/recall (user-provided Inception weights)
 """
 
 import dataclasses
+import io
+import json
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
 
-from jetformer import checkpoint, sharding, steps, train
-
+from jetformer import checkpoint, generation, losses, objectives, sampling, sharding, steps
+from jetformer import train
+from jetformer.metrics import fid as fid_lib
+from jetformer.metrics import inception
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
   """A checkpoint on this run's mesh; nnx.merge(graphdef, params, frozen) is the model."""
   step: int
+  cfg: Any                       # the model's config (JetConfig or JetFormerConfig)
   state: dict                    # params, frozen[, ema]: no optimizer state
   graphdef: Any
   shardings: dict                # same tree as `state`
@@ -34,7 +51,8 @@ def restore(config, workdir, step=None, data=None):
   study's tokenizer.
   """
   mesh = sharding.make_mesh(config.mesh)
-  graphdef, params, frozen = steps.abstract_model(train.model_config(config, data))
+  cfg = train.model_config(config, data)
+  graphdef, params, frozen = steps.abstract_model(cfg)
   ema = config.ema_decay > 0
   shardings = steps.weight_shardings(params, frozen, config.sharding_rules, mesh, ema=ema)
   abstract = {"params": params.to_pure_dict(), "frozen": frozen.to_pure_dict()}
@@ -45,21 +63,249 @@ def restore(config, workdir, step=None, data=None):
                                    partial=True)
   if state is None:
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")
-  return Restored(step, state, graphdef, shardings, mesh)
+  return Restored(step, cfg, state, graphdef, shardings, mesh)
 
 
-def bpd(config, restored, data):
-  """val_* bits/dim of the params, val_ema_* of their EMA (as training reports them)."""
-  r = restored
-  eval_fn = train.compile_eval_step(config, r.graphdef, r.shardings, r.mesh)
-  return train.evaluate_state(eval_fn, r.state, train.make_eval_data(config, data), r.mesh,
-                              config.seed)
+@dataclasses.dataclass
+class Context:
+  config: Any                    # the study config (after `finalize`)
+  restored: Restored
+  data: Any                      # the input module
+  workdir: str
+  writer: Any = None             # a clu metric writer, or None
+
+  def path(self, name, suffix):
+    return epath.Path(self.workdir) / f"{name}_{self.restored.step}.{suffix}"
+
+  @property
+  def weights(self):
+    """(params, frozen): the EMA of the params when the study keeps one."""
+    state = self.restored.state
+    return state.get("ema", state["params"]), state["frozen"]
 
 
-TASKS = {"bpd": bpd}
+def bpd(ctx):
+  """val_* of the params, val_ema_* of their EMA (as training reports them)."""
+  r = ctx.restored
+  eval_fn = train.compile_eval_step(ctx.config, r.graphdef, r.shardings, r.mesh)
+  return train.evaluate_state(eval_fn, r.state, train.make_eval_data(ctx.config, ctx.data),
+                              r.mesh, ctx.config.seed)
 
 
-def evaluate_checkpoint(config, workdir, *, data, step=None, tasks=("bpd",)):
+def is_text(config):
+  return train.is_jetformer(config) and bool(config.text.tokenizer)
+
+
+def tokenizer(ctx):
+  return ctx.data.load_tokenizer(train.tokenizer_path(ctx.config, ctx.data))
+
+
+def sample_images(ctx, inputs, per_prompt):
+  """uint8 [P, per_prompt, H, W, 3] for P prompts' model inputs, and images per second."""
+  r, s = ctx.restored, ctx.config.sample
+  fn = generation.image_sampler(r.cfg, r.graphdef, r.shardings, r.mesh,
+                                generation.image_options(s), s.temperature)
+  start = time.perf_counter()
+  images = generation.sample_grid(fn, ctx.weights, inputs, per_prompt=per_prompt,
+                                  batch_size=s.batch_size, mesh=r.mesh, seed=s.seed)
+  return images, images.shape[0] * per_prompt / (time.perf_counter() - start)
+
+
+def save_grid(ctx, name, images):
+  """A PNG grid (a row per prompt) in the workdir and to TensorBoard; returns its path."""
+  picture = generation.grid(images)
+  path = ctx.path(name, "png")
+  if jax.process_index() == 0:
+    generation.write_png(path, picture)
+  if ctx.writer is not None:
+    ctx.writer.write_images(ctx.restored.step, {name: picture[None]})
+  return path
+
+
+def sample(ctx):
+  """A grid of config.sample.per_prompt samples per class or prompt, and their .npz."""
+  tok = tokenizer(ctx) if is_text(ctx.config) else None
+  names, inputs = generation.prompt_inputs(ctx.restored.cfg, ctx.config.sample, tok,
+                                           ctx.config.text.max_len if tok else 0)
+  images, rate = sample_images(ctx, inputs, ctx.config.sample.per_prompt)
+  path = save_grid(ctx, "samples", images)
+  if jax.process_index() == 0:
+    with ctx.path("samples", "npz").open("wb") as f:
+      np.savez(f, images=images, prompts=np.asarray(names))
+  print(f"Samples: {path} (rows: {', '.join(names)})", flush=True)
+  return {"sample_images_per_s": rate}
+
+
+def validation_batches(ctx, split=None, text=True):
+  """The whole eval split on every host, in order: numpy batches of image [B, H, W, 3] in
+  [-1, 1], label [B], mask [B] and, for text studies, caption [B] str."""
+  config, ds = ctx.config, ctx.config.dataset
+  kwargs = {"text": train.text_options(config, ctx.data)} if text and is_text(config) else {}
+  return ctx.data.make_eval_iterator(
+      name=ds.name, split=split or ds.eval_split, image_size=ds.image_size,
+      global_batch_size=config.eval_batch_size, data_dir=ds.data_dir, process_index=0,
+      process_count=1, **kwargs)
+
+
+def validation_examples(ctx, count, text=True, keys=("image", "label", "caption")):
+  """The first `count` validation examples' `keys` (see validation_batches), as numpy."""
+  out, n = {}, 0
+  for batch in validation_batches(ctx, text=text):
+    real = batch["mask"] > 0
+    for k in keys:
+      if k in batch:
+        out.setdefault(k, []).append(np.asarray(batch[k])[real])
+    n += int(real.sum())
+    if n >= count:
+      break
+  return {k: np.concatenate(v)[:count] for k, v in out.items()}
+
+
+def generate_captions(ctx, images):
+  """Greedy (or config.caption's temperature / top-k) captions of images, as strings."""
+  r, c, tok = ctx.restored, ctx.config.caption, tokenizer(ctx)
+  opts = sampling.TextOptions(max_len=c.max_len or ctx.config.text.max_len,
+                              temperature=c.temperature, top_k=c.top_k)
+  fn = generation.caption_sampler(r.graphdef, r.shardings, r.mesh, opts, tok.eos_id)
+  tokens = generation.run_batched(fn, ctx.weights, [images], batch_size=c.batch_size,
+                                  mesh=r.mesh, seed=c.seed)
+  return [tok.decode(t) for t in tokens.tolist()]
+
+
+def caption(ctx):
+  """captions_STEP.jsonl: a caption per validation image beside its reference caption."""
+  if not is_text(ctx.config):
+    raise ValueError("The caption task needs a text study (config.text.tokenizer set).")
+  ex = validation_examples(ctx, ctx.config.caption.num_examples)
+  captions = generate_captions(ctx, ex["image"])
+  lines = [json.dumps({"caption": c, "reference": str(ref)})
+           for c, ref in zip(captions, ex["caption"])]
+  if jax.process_index() == 0:
+    ctx.path("captions", "jsonl").write_text("\n".join(lines) + "\n")
+  if ctx.writer is not None:
+    ctx.writer.write_texts(ctx.restored.step, {"captions": "\n\n".join(lines[:16])})
+  print(f"Captions: {ctx.path('captions', 'jsonl')}; first: {lines[0]}", flush=True)
+  return {"captions": len(lines)}
+
+
+def reconstruct(ctx):
+  """The paper's picture of what the factored-out dims hold: per validation image, the
+  original, the flow inverse with those dims redrawn from N(0, 1), and the image under
+  the noise curriculum's first RGB noise level."""
+  config, r = ctx.config, ctx.restored
+  if not train.is_jetformer(config):
+    raise ValueError("The reconstruct task is for JetFormer studies (factored-out dims).")
+  images = validation_examples(ctx, config.sample.per_prompt, text=False)["image"]
+  sigma0 = config.objective.noise_sigma0
+
+  @jax.jit
+  def fn(params, frozen, key, x):
+    model = nnx.merge(r.graphdef, params, frozen)
+    k_deq, k_fac, k_rgb = jax.random.split(key, 3)
+    soft, factored, _ = model.encode(losses.dequantize(k_deq, x))
+    redrawn = model.decode(soft, jax.random.normal(k_fac, factored.shape))
+    return jnp.stack([x, jnp.clip(redrawn, -1, 1), objectives.rgb_noise(k_rgb, x, sigma0)])
+
+  out = jax.device_get(fn(*ctx.weights, jax.random.key(config.sample.seed), images))
+  out = generation.to_uint8(out)                                    # [3, n, H, W, 3]
+  save_grid(ctx, "reconstructions", out)
+  mse = np.mean((out[1].astype(np.float64) - out[0]) ** 2)
+  return {"reconstruct_psnr_redrawn": float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))}
+
+
+def digits(ctx):
+  """The digits demos' scores: guided class samples (or "the digit N" samples) classified
+  as the requested digit, and validation captions naming the right digit."""
+  from_data = ctx.data.digits_score
+  classifier = from_data.DigitClassifier(ctx.config.dataset.data_dir)
+  s, results = ctx.config.sample, {}
+  if is_text(ctx.config):
+    names = [f"the digit {i}" for i in range(10)]
+    inputs = generation.text_prompts(names, tokenizer(ctx), ctx.config.text.max_len)
+  else:
+    inputs = generation.class_prompts(ctx.restored.cfg, range(10))
+  images, _ = sample_images(ctx, inputs, s.per_prompt)              # [10, S, H, W, 3]
+  save_grid(ctx, "digits", images)
+  predicted = classifier.predict(images.reshape(-1, *images.shape[2:])).reshape(10, -1)
+  results["digits_sample_accuracy"] = float(np.mean(predicted == np.arange(10)[:, None]))
+  if is_text(ctx.config):
+    ex = validation_examples(ctx, ctx.config.caption.num_examples)
+    named = [from_data.named_digit(c) for c in generate_captions(ctx, ex["image"])]
+    results["digits_caption_accuracy"] = float(np.mean(np.asarray(named) == ex["label"]))
+  print(f"Digits: {results} (grid: {ctx.path('digits', 'png')})", flush=True)
+  return results
+
+
+def fid_reference(ctx, model):
+  """Inception statistics (and features) of the reference split, cached in an .npz."""
+  f, ds = ctx.config.fid, ctx.config.dataset
+  split = f.reference_split or ds.eval_split
+  path = epath.Path(f.reference_path or epath.Path(ctx.workdir) / "fid_reference_{}_{}.npz"
+                    .format(ds.name, "".join(c if c.isalnum() else "_" for c in split)))
+  if path.exists():
+    with path.open("rb") as fp:
+      return fid_lib.load_reference(fp)
+  images = (b["image"][b["mask"] > 0] for b in validation_batches(ctx, split, text=False))
+  pool, _ = fid_lib.inception_features(model, images)
+  buffer = io.BytesIO()
+  reference = fid_lib.save_reference(buffer, pool)
+  if jax.process_index() == 0:
+    path.write_bytes(buffer.getvalue())
+  print(f"FID reference: {len(pool)} images of {ds.name}:{split}, cached in {path}", flush=True)
+  return reference
+
+
+def fid_prompts(ctx, count):
+  """Model inputs for `count` samples: classes in turn, or the reference captions."""
+  cfg = ctx.restored.cfg
+  if is_text(ctx.config):
+    captions = validation_examples(ctx, count, keys=("caption",))["caption"]
+    captions = np.resize(captions, count)                           # repeat if the split is short
+    return generation.text_prompts([str(c) for c in captions], tokenizer(ctx),
+                                   ctx.config.text.max_len)
+  classes = getattr(cfg, "vocab_size", None) or getattr(cfg, "num_classes", 0) or 1
+  return generation.class_prompts(cfg, np.arange(count) % classes)
+
+
+def fid(ctx):
+  """FID, Inception Score and precision/recall of config.fid.num_samples samples (the
+  config's sampling settings) against the reference split."""
+  f, s, r = ctx.config.fid, ctx.config.sample, ctx.restored
+  model = inception.load(f.inception_path)
+  reference = fid_reference(ctx, model)
+  inputs = fid_prompts(ctx, f.num_samples)
+  fn = generation.image_sampler(r.cfg, r.graphdef, r.shardings, r.mesh,
+                                generation.image_options(s), s.temperature)
+  pools, logits, chunk = [], [], 16 * s.batch_size                 # samples held at a time
+  for i, start in enumerate(range(0, f.num_samples, chunk)):
+    images = generation.run_batched(fn, ctx.weights, [a[start:start + chunk] for a in inputs],
+                                    batch_size=s.batch_size, mesh=r.mesh, seed=s.seed + i)
+    p, l = fid_lib.inception_features(model, np.array_split(
+        generation.to_uint8(images), max(1, len(images) // f.batch_size)))
+    pools.append(p)
+    logits.append(l)
+  return fid_lib.image_metrics(np.concatenate(pools), np.concatenate(logits), reference, k=f.k)
+
+
+TASKS = {"bpd": bpd, "sample": sample, "caption": caption, "reconstruct": reconstruct,
+         "digits": digits, "fid": fid}
+
+
+def check_tasks(tasks):
+  unknown = [t for t in tasks if t not in TASKS]
+  if unknown:
+    raise ValueError(f"Unknown evaluation tasks {unknown}; known: {sorted(TASKS)}.")
+
+
+def run_tasks(ctx, tasks):
+  check_tasks(tasks)
+  results = {"step": ctx.restored.step}
+  for name in tasks:
+    results.update(TASKS[name](ctx))
+  return results
+
+
+def evaluate_checkpoint(config, workdir, *, data, step=None, tasks=("bpd",), writer=None):
   """{"step": checkpoint step, metric: value, ...} of the checkpoint's model.
 
   Args:
@@ -67,12 +313,11 @@ def evaluate_checkpoint(config, workdir, *, data, step=None, tasks=("bpd",)):
     data: the input module (`input_pipeline`).
     step: the checkpoint to read; the latest by default.
     tasks: names from TASKS, run in this order.
+    writer: a clu metric writer for the scalars, pictures and captions, or None.
   """
-  unknown = [t for t in tasks if t not in TASKS]
-  if unknown:
-    raise ValueError(f"Unknown evaluation tasks {unknown}; known: {sorted(TASKS)}.")
-  restored = restore(config, workdir, step, data)
-  results = {"step": restored.step}
-  for name in tasks:
-    results.update(TASKS[name](config, restored, data))
+  check_tasks(tasks)
+  ctx = Context(config, restore(config, workdir, step, data), data, workdir, writer)
+  results = run_tasks(ctx, tasks)
+  if writer is not None:
+    writer.write_scalars(results["step"], {k: v for k, v in results.items() if k != "step"})
   return results

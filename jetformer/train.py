@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jetformer import checkpoint, objectives, optim, sharding, steps
+from jetformer import checkpoint, generation, objectives, optim, sharding, steps
 from jetformer.models import gemma
 from jetformer.models import jet as jet_lib
 from jetformer.models import jetformer as jetformer_lib
@@ -134,6 +134,23 @@ def evaluate_state(eval_fn, state, eval_data, mesh, seed):
   return results
 
 
+def grid_writer(config, cfg, graphdef, shardings, mesh, data, writer):
+  """write(step, state): a grid of config.sample's samples to TensorBoard ("samples")."""
+  s, tok = config.sample, None
+  if is_jetformer(config) and config.text.tokenizer:
+    tok = data.load_tokenizer(tokenizer_path(config, data))
+  _, inputs = generation.prompt_inputs(cfg, s, tok, config.text.max_len if tok else 0)
+  fn = generation.image_sampler(cfg, graphdef, shardings, mesh, generation.image_options(s),
+                                s.temperature)
+
+  def write(step, state):
+    weights = (state.get("ema", state["params"]), state["frozen"])
+    images = generation.sample_grid(fn, weights, inputs, per_prompt=s.per_prompt,
+                                    batch_size=s.batch_size, mesh=mesh, seed=s.seed)
+    writer.write_images(step, {"samples": generation.grid(images)[None]})
+  return write
+
+
 def train_and_evaluate(config, workdir, *, data, writer, progress):
   """Trains (or resumes) the study `config` in `workdir`; returns final eval metrics.
 
@@ -167,6 +184,8 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
   train_fn = compile_train_step(config, graphdef, tx, shardings, mesh, total)
   eval_fn = compile_eval_step(config, graphdef, shardings, mesh)
   report = progress(total)
+  write_grid = config.sample.every and grid_writer(config, cfg, graphdef, shardings, mesh,
+                                                   data, writer)
   key, history = jax.random.key(config.seed), []
 
   def run_eval(at):
@@ -188,6 +207,8 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
         history = []
       if step % config.eval_every == 0 and step < total:
         run_eval(step)
+      if write_grid and (step % config.sample.every == 0 or step == total):
+        write_grid(step, state)
       if step % config.ckpt_every == 0 or mgr.reached_preemption(step):
         check_finite(jax.device_get(metrics), step)
         checkpoint.save(mgr, step, state, train_iter, force=True)

@@ -15,6 +15,8 @@ from flax import nnx
 from configs import digits_jet
 from jetformer import evaluation
 from jetformer.convert import big_vision
+from jetformer.metrics import inception
+from tests.test_metrics import random_inception_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTDATA = ROOT.parent / "shared" / "testdata"
@@ -54,6 +56,42 @@ def test_evaluate_reproduces_training_on_one_device(tmp_path):
 
 
 @pytest.mark.slow
+def test_evaluate_jetformer_tasks_on_one_device(tmp_path):
+  """A text JetFormer trained on 8 devices: bpd reproduced on 1, and every task's files."""
+  work = tmp_path / "run"
+  study = ["--config=configs/digits_jetformer_text.py", f"--workdir={work}",
+           "--config.runlocal=True", f"--config.dataset.data_dir={tmp_path / 'data'}",
+           "--config.sample.every=3"]
+  log = run(["main.py", *study, "--config.mesh=(('data',2),('fsdp',4))"], devices=8)
+  trained = {k: float(v) for k, v in re.findall(r"\b(val_\w+)=([-+.\de]+)", log)}
+  assert "digits_sample_accuracy" in log and (work / "digits_6.png").is_file()
+  weights = tmp_path / "inception.npz"    # random weights: the plumbing, not the numbers
+  inception.save(inception.from_params(random_inception_params(0)), weights)
+  tasks = ["--tasks=bpd,sample,caption,reconstruct,digits,fid",
+           f"--config.fid.inception_path={weights}", "--config.fid.num_samples=16",
+           "--config.fid.reference_split=validation[:24]", "--config.fid.batch_size=8"]
+  log = run(["evaluate.py", *study, "--config.mesh=(('data',1),('fsdp',1))", *tasks],
+            devices=1)
+  evaluated = json.loads((work / "eval_6.json").read_text())
+  for name, value in trained.items():
+    assert evaluated[name] == pytest.approx(value, abs=1e-4), name
+  assert 0 <= evaluated["digits_sample_accuracy"] <= 1
+  assert 0 <= evaluated["digits_caption_accuracy"] <= 1
+  assert evaluated["fid"] > 0 and 1 <= evaluated["inception_score"] <= 1008
+  assert 0 <= evaluated["precision"] <= 1 and 0 <= evaluated["recall"] <= 1
+  with np.load(work / "fid_reference_digits_validation__24_.npz") as f:
+    assert f["features"].shape == (24, 2048)
+  with np.load(work / "samples_6.npz") as f:
+    assert f["images"].shape == (10, 8, 16, 16, 3) and f["images"].dtype == np.uint8
+    assert list(f["prompts"]) == [f"the digit {i}" for i in range(10)]
+  captions = [json.loads(line) for line in (work / "captions_6.jsonl").read_text().splitlines()]
+  assert len(captions) == 64 and all(set(c) == {"caption", "reference"} for c in captions)
+  for name in ("samples", "reconstructions", "digits"):
+    assert (work / f"{name}_6.png").stat().st_size > 100, name
+  assert any(p.name.startswith("events.out.tfevents") for p in work.iterdir())
+
+
+@pytest.mark.slow
 def test_converted_big_vision_jet_restores(tmp_path):
   meta = json.loads((TESTDATA / "jet_ref_a.json").read_text())
   run(["-m", "jetformer.convert.big_vision", f"--npz={TESTDATA / 'jet_ref_a.npz'}",
@@ -82,5 +120,5 @@ def test_converter_rejects_another_model():
 
 def test_unknown_task_fails_before_restoring(tmp_path):
   with pytest.raises(ValueError, match="Unknown evaluation tasks"):
-    evaluation.evaluate_checkpoint(ref_config(), tmp_path, data=None, tasks=("bpd", "fid"))
+    evaluation.evaluate_checkpoint(ref_config(), tmp_path, data=None, tasks=("bpd", "cider"))
   assert not (tmp_path / "checkpoints").exists()

@@ -175,13 +175,15 @@ class Block(nnx.Module):
     self.mlp = MlpBlock(cfg, rngs=rngs)
     self.dropout_rate = cfg.dropout
 
-  def cached(self, x, positions, mask, k_cache, v_cache, end):
-    """One layer of `Decoder.extend`: writes this block's k, v at slot `end`, attends to
-    the whole cache. k_cache, v_cache [B, S, K, Dh] -> (x [B, T, D], k_cache, v_cache)."""
+  def cached(self, x, positions, mask, k_cache, v_cache, layer, end):
+    """This block in `Decoder.extend`: writes its k, v into the stacked caches
+    [L, B, S, K, Dh] at (layer, slot end) in place, attends to its whole layer.
+    -> (x [B, T, D], k_cache, v_cache)."""
     q, k, v = self.attn.project(self.pre_attention_norm(x), positions)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), end, 1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), end, 1)
-    x = x + self.attn.attend(q, k_cache, v_cache, mask)
+    at = (layer, 0, end, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+    x = x + self.attn.attend(q, k_cache[layer], v_cache[layer], mask)
     return x + self.mlp(self.pre_ffw_norm(x)), k_cache, v_cache
 
   def __call__(self, x, positions, mask, dropout_key=None):
@@ -274,12 +276,12 @@ class Decoder(nnx.Module):
     mask = extend_mask(slots, cache.end, t, bidirectional)                  # [B, T, S]
     graphdef, params = nnx.split(self.layers)
 
-    def body(h, layer):
-      p, k_layer, v_layer = layer
-      h, k_layer, v_layer = nnx.merge(graphdef, p).cached(h, positions, mask, k_layer,
-                                                          v_layer, cache.end)
-      return h, (k_layer, v_layer)
+    def body(carry, layer):  # the caches ride in the carry: updated in place
+      (h, k, v), (p, i) = carry, layer
+      return nnx.merge(graphdef, p).cached(h, positions, mask, k, v, i, cache.end), None
 
-    h, (k, v) = jax.lax.scan(body, x.astype(jnp.float32), (params, cache.k, cache.v))
+    index = jnp.arange(self.cfg.depth, dtype=jnp.int32)
+    (h, k, v), _ = jax.lax.scan(body, (x.astype(jnp.float32), cache.k, cache.v),
+                                (params, index))
     cache = Cache(k, v, slots, cache.end + t, cache.next_pos + jnp.sum(valid, 1))
     return self.final_norm(h), cache

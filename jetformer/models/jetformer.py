@@ -171,8 +171,9 @@ class JetFormer(nnx.Module):
 
   # --- Sequence model -----------------------------------------------------------
 
-  def embed_text(self, tokens):  # [B, L] -> [B, L, W]; slot j uses table j % R
-    table = jnp.arange(tokens.shape[1]) % self.cfg.num_vocab_repeats        # [L]
+  def embed_text(self, tokens, offset=0):
+    """[B, L] -> [B, L, W]; slot j (counted from `offset`) uses table j % R."""
+    table = (offset + jnp.arange(tokens.shape[1])) % self.cfg.num_vocab_repeats  # [L]
     return self.embed[...][table[None, :], tokens] * np.sqrt(self.cfg.decoder.width)
 
   def embed_special(self, token, batch):  # -> [B, 1, W]
