@@ -56,6 +56,14 @@ class Tokenizer:
     """Token ids, without BOS or EOS."""
     return self._sp.encode(text)
 
+  def encode_padded(self, text: str, max_len: int):
+    """(ids [max_len], mask [max_len]) int32: the pieces truncated to max_len - 1, EOS,
+    then padding (see top); how captions enter the model, in training and sampling."""
+    tokens = self.encode(text)[:max_len - 1] + [self.eos_id]
+    ids = np.full(max_len, PAD_ID, np.int32)
+    ids[:len(tokens)] = tokens
+    return ids, (np.arange(max_len) < len(tokens)).astype(np.int32)
+
   def decode(self, ids) -> str:
     """Text of `ids` up to the first EOS, padding ignored."""
     ids = [int(i) for i in ids]
@@ -148,9 +156,5 @@ class Tokenize(grain.transforms.Map):
     element = dict(element)
     caption = element["caption"] if self.keep_caption else element.pop(
         "caption")
-    tokenizer = _cached_tokenizer(self.tokenizer_path)
-    tokens = tokenizer.encode(caption)[:self.max_len - 1] + [tokenizer.eos_id]
-    text = np.full(self.max_len, PAD_ID, np.int32)  # [L]
-    text[:len(tokens)] = tokens
-    mask = (np.arange(self.max_len) < len(tokens)).astype(np.int32)  # [L]
+    text, mask = _cached_tokenizer(self.tokenizer_path).encode_padded(caption, self.max_len)
     return {**element, "text": text, "text_mask": mask}

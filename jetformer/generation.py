@@ -25,21 +25,22 @@ def image_options(sample_config):
 
 
 def class_prompts(cfg, labels):
-  """JetFormer class ids [P] -> (text [P, R], mask [P, R]) int32; Jet: labels [P]."""
+  """JetFormer class ids [P] -> (text [P, R], mask [P, R]) int32; Jet: (labels [P],)."""
   labels = np.asarray(labels, np.int32)
-  if isinstance(cfg, jet_lib.JetConfig):
+  is_jet = isinstance(cfg, jet_lib.JetConfig)
+  classes = max(cfg.num_classes, 1) if is_jet else cfg.vocab_size
+  if labels.size and not 0 <= labels.min() <= labels.max() < classes:
+    raise ValueError(f"Class labels {labels.min()}..{labels.max()} outside the model's "
+                     f"{classes} classes: set --config.sample.labels.")
+  if is_jet:
     return (labels,)
-  return (np.repeat(labels[:, None], cfg.num_vocab_repeats, 1),
-          np.ones((len(labels), cfg.num_vocab_repeats), np.int32))
+  return tuple(np.asarray(a) for a in sampling.class_prompt(cfg, labels))
 
 
 def text_prompts(lines, tokenizer, max_len):
   """Prompt strings -> (text [P, L], mask [P, L]) int32, as training tokenizes captions."""
-  text = np.zeros((len(lines), max_len), np.int32)
-  for i, line in enumerate(lines):
-    ids = tokenizer.encode(line)[:max_len - 1] + [tokenizer.eos_id]
-    text[i, :len(ids)] = ids
-  return text, (text > 0).astype(np.int32)
+  ids, masks = zip(*(tokenizer.encode_padded(line, max_len) for line in lines))
+  return np.stack(ids), np.stack(masks)
 
 
 def prompt_inputs(cfg, sample_config, tokenizer=None, max_len=0):
@@ -100,8 +101,9 @@ def caption_sampler(graphdef, shardings, mesh, opts, eos_id):
 def compile_batched(fn, shardings, mesh, num_inputs):
   """jit of fn(params, frozen, key, *inputs) with the inputs and output batch-sharded."""
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(fn, in_shardings=(shardings["params"], shardings["frozen"], repl)
-                 + (batch_sh,) * num_inputs, out_shardings=batch_sh)
+  return sharding.on_mesh(jax.jit(
+      fn, in_shardings=(shardings["params"], shardings["frozen"], repl)
+      + (batch_sh,) * num_inputs, out_shardings=batch_sh), mesh)
 
 
 def run_batched(fn, weights, inputs, *, batch_size, mesh, seed):
@@ -119,7 +121,7 @@ def run_batched(fn, weights, inputs, *, batch_size, mesh, seed):
     real = min(batch_size, n - start)
     chunk = [np.concatenate([a[start:start + real], np.repeat(a[start + real - 1:][:1],
                                                                batch_size - real, 0)])
-             for a in inputs]
+             for a in inputs]                                   # each [batch_size, ...]
     out = fn(*weights, jax.random.fold_in(jax.random.key(seed), i),
              *[jax.device_put(c, batch_sh) for c in chunk])
     outs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:real])

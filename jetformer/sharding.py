@@ -74,6 +74,27 @@ def state_shardings(state, rules, mesh):
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def constrain_batch(x):
+  """x [B, ...] with B sharded over every mesh axis, the layout of the input batch.
+
+  Pins activations to data parallelism where XLA's propagation could take a
+  parameter's FSDP layout instead. Acts under `jax.set_mesh` (the compiled
+  steps set it); a no-op elsewhere and where B does not divide by the mesh.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or x.shape[0] % mesh.size:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(mesh.axis_names))
+
+
+def on_mesh(fn, mesh):
+  """fn traced and run under `jax.set_mesh(mesh)`, so that `constrain_batch` sees the mesh."""
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return fn(*args)
+  return call
+
+
 def batch_sharding(mesh):
   """The batch axis over every mesh axis."""
   return NamedSharding(mesh, P(tuple(mesh.axis_names)))

@@ -89,6 +89,23 @@ def check_finite(metrics, step):
         "lower optim.lr, raise optim.warmup_frac or check the input data, then rerun.")
 
 
+def make_train_data(config, data):
+  ds = config.dataset
+  return data.make_train_iterator(
+      name=ds.name, split=ds.train_split, image_size=ds.image_size,
+      global_batch_size=config.batch_size, seed=config.seed, data_dir=ds.data_dir,
+      flip=ds.flip, worker_count=ds.worker_count, **_text_kwargs(config, data))
+
+
+def log_history(writer, step, history):
+  """Writes the mean train metrics of the steps since the last log; returns a new history."""
+  history = jax.device_get(history)
+  writer.write_scalars(step, {f"train_{k}": float(np.mean([h[k] for h in history]))
+                              for k in history[0]})
+  check_finite(history[-1], step)
+  return []
+
+
 def make_eval_data(config, data):
   ds, text = config.dataset, _text_kwargs(config, data)  # resolve the tokenizer once
   return lambda: data.make_eval_iterator(
@@ -109,19 +126,19 @@ def make_optimizer(config, total_steps):
 def compile_train_step(config, graphdef, tx, shardings, mesh, total_steps):
   """The jitted train step, donating the state, explicitly sharded."""
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(
+  return sharding.on_mesh(jax.jit(
       functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=config.ema_decay,
                         objective=objective(config), total_steps=total_steps),
       in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
-      donate_argnums=0)
+      donate_argnums=0), mesh)
 
 
 def compile_eval_step(config, graphdef, shardings, mesh):
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(
+  return sharding.on_mesh(jax.jit(
       functools.partial(steps.eval_step, graphdef=graphdef, objective=objective(config)),
       in_shardings=(shardings["params"], shardings["frozen"], batch_sh, repl),
-      out_shardings=repl)
+      out_shardings=repl), mesh)
 
 
 def evaluate_state(eval_fn, state, eval_data, mesh, seed):
@@ -168,11 +185,7 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
   abstract_state = jax.eval_shape(init)
   shardings = steps.state_shardings(tx, abstract_state, params, frozen,
                                     config.sharding_rules, mesh)
-  train_iter = data.make_train_iterator(
-      name=ds.name, split=ds.train_split, image_size=ds.image_size,
-      global_batch_size=config.batch_size, seed=config.seed, data_dir=ds.data_dir,
-      flip=ds.flip, worker_count=ds.worker_count, **_text_kwargs(config, data))
-  eval_data = make_eval_data(config, data)
+  train_iter, eval_data = make_train_data(config, data), make_eval_data(config, data)
 
   mgr = checkpoint.manager(workdir, save_every=config.ckpt_every, keep=config.keep_ckpts)
   step, state = checkpoint.restore(mgr, checkpoint.abstract(abstract_state, shardings), train_iter)
@@ -200,11 +213,7 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
       step, history = step + 1, history + [metrics]  # read only when logging: no sync per step
       report(step)
       if step % config.log_every == 0 or step == total:
-        history = jax.device_get(history)
-        writer.write_scalars(step, {f"train_{k}": float(np.mean([h[k] for h in history]))
-                                    for k in history[0]})
-        check_finite(history[-1], step)
-        history = []
+        history = log_history(writer, step, history)
       if step % config.eval_every == 0 and step < total:
         run_eval(step)
       if write_grid and (step % config.sample.every == 0 or step == total):

@@ -37,6 +37,23 @@ def test_cached_sampling_equals_recomputing_the_prefix(cfg_weight, noncausal):
   assert float(jnp.std(cached)) > 0.05          # not a constant image
 
 
+@pytest.mark.parametrize("noncausal", [False, True])
+def test_sampled_tokens_follow_the_training_layout(noncausal):
+  """Sharp temperatures: each drawn token is the mean of its mixture's likeliest component,
+  so the teacher-forced model (the training layout) must predict the sampled tokens."""
+  model = make(noncausal_prefix=noncausal)
+  text, mask = prompts()
+  opts = sampling.ImageOptions(t_scale=1e-6, t_probs=1e6)
+  prompt, valid = sampling.image_prompt(model, text, mask, guided=False)
+  keys = jax.random.split(jax.random.key(0), model.cfg.num_tokens)
+  soft = nnx.jit(sampling.soft_tokens_cached, static_argnums=(4, 5))(
+      model, keys, prompt, valid, opts, B)                          # [B, N, d]
+  mix = model(text, mask, soft, jnp.ones((B,), bool)).image
+  best = jnp.argmax(mix.logits, -1)                                # [B, N]
+  means = jnp.take_along_axis(mix.means, best[..., None, None], -2)[..., 0, :]
+  np.testing.assert_allclose(means, soft, atol=1e-4)
+
+
 def test_prompt_padding_is_invisible():
   model = make()
   text, mask = prompts()

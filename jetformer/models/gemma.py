@@ -203,7 +203,8 @@ class Cache(NamedTuple):
 
 
 def init_cache(cfg: DecoderConfig, batch, size):
-  """An empty cache of `size` slots (prompt plus every token to be decoded)."""
+  """An empty cache of `size` slots: at least the prompt plus every token to be decoded
+  (a write past the end is clamped by dynamic_update_slice and would overwrite slots)."""
   shape = (cfg.depth, batch, size, cfg.num_kv_heads, cfg.head_dim)
   return Cache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype),
                jnp.zeros((batch, size), bool), jnp.zeros((), jnp.int32),

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jetformer import sharding
 from jetformer.models import permutations
 from jetformer.models import vit
 
@@ -165,7 +166,7 @@ class Jet(nnx.Module):
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan)
-    h = patchify(x.astype(jnp.float32), cfg.ps)                     # [B, N, D]
+    h = sharding.constrain_batch(patchify(x.astype(jnp.float32), cfg.ps))  # [B, N, D]
     layers = (params, self.perm[...], self.inv_perm[...])
     if cfg.scan:
       h, logdets = jax.lax.scan(body, h, layers, reverse=inverse)
@@ -175,4 +176,5 @@ class Jet(nnx.Module):
       for i in order:
         h, ld = body(h, jax.tree.map(lambda a: a[i], layers))
         logdets.append(ld)
+    h = sharding.constrain_batch(h)
     return unpatchify(h, cfg.ps, cfg.grid[0]), jnp.sum(jnp.asarray(logdets), axis=0)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jetformer import sharding
 from jetformer.models import gemma, gmm, vit
 from jetformer.models import jet as jet_lib
 
@@ -213,9 +214,9 @@ class JetFormer(nnx.Module):
     x = jnp.where(first[..., None], seq_t, seq_i)
     valid = jnp.where(first, valid_t, valid_i)
     prefix_len = jnp.where(text_first, l + 1, n + 1)                 # [B]: BOS+text / BOI+image
-    h = self.decoder(x, jnp.cumsum(valid, 1) - 1, attention_mask(valid, prefix_len,
-                                                                 cfg.noncausal_prefix),
-                     dropout_key)                                    # [B, T, W]
+    mask = attention_mask(valid, prefix_len, cfg.noncausal_prefix)   # [B, T, T]
+    h = self.decoder(sharding.constrain_batch(x), jnp.cumsum(valid, 1) - 1, mask, dropout_key)
+    h = sharding.constrain_batch(h)                                  # [B, T, W]
     h_text = jnp.where(first[..., None], h[:, :l], h[:, n + 1:n + 1 + l])
     h_img = jnp.where(first[..., None], h[:, l + 1:l + 1 + n], h[:, :n])
     return Outputs(self.text_logits(h_text), self.head(h_img))
