@@ -100,6 +100,15 @@ def test_fsdp_step_equals_single_device(tmp_path):
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
 
 
+def test_constrain_batch_pins_the_batch_axis():
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)])
+  f = jax.jit(lambda x: sharding.constrain_batch(x * 2))
+  with jax.set_mesh(mesh):
+    assert f(np.ones((8, 3))).sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    assert f(np.ones((6, 3))).sharding.is_fully_replicated    # 6 rows: left to XLA
+  assert sharding.constrain_batch(np.ones((8, 3))).shape == (8, 3)  # no mesh: a no-op
+
+
 @pytest.mark.slow
 def test_loss_falls_on_digits(tmp_path, writer):
   config = local(digits_jetformer, tmp_path / "tfds", total_steps=60, log_every=20,
