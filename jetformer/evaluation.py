@@ -138,12 +138,8 @@ def sample(ctx):
 def validation_batches(ctx, split=None, text=True):
   """The whole eval split on every host, in order: numpy batches of image [B, H, W, 3] in
   [-1, 1], label [B], mask [B] and, for text studies, caption [B] str."""
-  config, ds = ctx.config, ctx.config.dataset
-  kwargs = {"text": train.text_options(config, ctx.data)} if text and is_text(config) else {}
-  return ctx.data.make_eval_iterator(
-      name=ds.name, split=split or ds.eval_split, image_size=ds.image_size,
-      global_batch_size=config.eval_batch_size, data_dir=ds.data_dir, process_index=0,
-      process_count=1, **kwargs)
+  return train.make_eval_data(ctx.config, ctx.data, split=split, text=text, process_index=0,
+                              process_count=1)()
 
 
 def validation_examples(ctx, count, text=True, keys=("image", "label", "caption")):
@@ -263,8 +259,7 @@ def fid_prompts(ctx, count):
     captions = np.resize(captions, count)                           # repeat if the split is short
     return generation.text_prompts([str(c) for c in captions], tokenizer(ctx),
                                    ctx.config.text.max_len)
-  classes = getattr(cfg, "vocab_size", None) or getattr(cfg, "num_classes", 0) or 1
-  return generation.class_prompts(cfg, np.arange(count) % classes)
+  return generation.class_prompts(cfg, np.arange(count) % generation.num_classes(cfg))
 
 
 def fid(ctx):

@@ -24,15 +24,20 @@ def image_options(sample_config):
   return sampling.ImageOptions(cfg_weight=s.cfg_weight, t_scale=s.t_scale, t_probs=s.t_probs)
 
 
+def num_classes(cfg):
+  """The class ids a model takes: a Jet's classes (1 if unconditional), a JetFormer's
+  base vocabulary."""
+  return max(cfg.num_classes, 1) if isinstance(cfg, jet_lib.JetConfig) else cfg.vocab_size
+
+
 def class_prompts(cfg, labels):
   """JetFormer class ids [P] -> (text [P, R], mask [P, R]) int32; Jet: (labels [P],)."""
   labels = np.asarray(labels, np.int32)
-  is_jet = isinstance(cfg, jet_lib.JetConfig)
-  classes = max(cfg.num_classes, 1) if is_jet else cfg.vocab_size
+  classes = num_classes(cfg)
   if labels.size and not 0 <= labels.min() <= labels.max() < classes:
     raise ValueError(f"Class labels {labels.min()}..{labels.max()} outside the model's "
                      f"{classes} classes: set --config.sample.labels.")
-  if is_jet:
+  if isinstance(cfg, jet_lib.JetConfig):
     return (labels,)
   return tuple(np.asarray(a) for a in sampling.class_prompt(cfg, labels))
 
@@ -68,7 +73,7 @@ def read_prompts(path):
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"Prompts file {path} does not exist: write one prompt per line "
-                            "and pass it as --config.sample.prompts=PATH.")
+                            "and pass it as --config.sample.prompts_file=PATH.")
   return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 

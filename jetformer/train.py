@@ -106,11 +106,14 @@ def log_history(writer, step, history):
   return []
 
 
-def make_eval_data(config, data):
-  ds, text = config.dataset, _text_kwargs(config, data)  # resolve the tokenizer once
+def make_eval_data(config, data, *, split=None, text=True, **hosts):
+  """A callable giving one pass over the eval split (or `split`); `text=False` leaves out
+  the captions; `hosts` (process_index, process_count) override JAX's host slicing."""
+  ds = config.dataset
+  text = _text_kwargs(config, data) if text else {}  # resolve the tokenizer once
   return lambda: data.make_eval_iterator(
-      name=ds.name, split=ds.eval_split, image_size=ds.image_size,
-      global_batch_size=config.eval_batch_size, data_dir=ds.data_dir, **text)
+      name=ds.name, split=split or ds.eval_split, image_size=ds.image_size,
+      global_batch_size=config.eval_batch_size, data_dir=ds.data_dir, **text, **hosts)
 
 
 def _text_kwargs(config, data):
