@@ -45,6 +45,8 @@ def main():
   parser.add_argument("--remat", choices=sorted(jet_lib.REMAT_POLICIES), default="dots")
   parser.add_argument("--scan", type=int, default=1, help="0: unroll the couplings")
   parser.add_argument("--batch", type=int, default=0, help="override the batch size")
+  parser.add_argument("--dtype", default="bfloat16",
+                      help="matmul operands of the conditioning networks (the studies' default)")
   parser.add_argument("--mu_dtype", default="", help="Adam first-moment dtype (paper: bfloat16)")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
@@ -53,7 +55,7 @@ def main():
   size, batch = spec.pop("image"), spec.pop("batch")
   batch = args.batch or batch
   cfg = jet_lib.JetConfig(image_shape=(size, size, 3), kinds=("channels", "channels", "spatial"),
-                          remat=args.remat, scan=bool(args.scan), **spec)
+                          remat=args.remat, scan=bool(args.scan), dtype=args.dtype, **spec)
 
   tx = optim.make(lr=3e-4, total_steps=1000, mu_dtype=args.mu_dtype, weight_decay=1e-5)
   _, state, data = timing.setup(cfg, tx, size, batch, num_classes=0)
@@ -64,7 +66,7 @@ def main():
 
   first_step_s, step_s, state, metrics = timing.time_steps(
       step, state, data, key, warmup=args.warmup, steps=args.steps)
-  result = timing.report(config=args.config, remat=args.remat, batch=batch,
+  result = timing.report(config=args.config, remat=args.remat, dtype=args.dtype, batch=batch,
                          first_step_s=first_step_s, step_s=step_s,
                          flops_per_step=step_flops(cfg, tx, state, data, key))
   print(json.dumps({**result, "bpd": float(metrics["bpd"])}))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jetformer.models import precision
 from jetformer.models import vit
 from jetformer.models.jet import REMAT_POLICIES
 
@@ -59,10 +60,12 @@ def lecun(in_axis, out_axis, batch_axis=()):
 
 
 def matmul(x, w, dtype):
-  """[..., I] @ w (reshaped to [I, O]) as a 2-D matmul on flattened rows (see vit.Dense)."""
-  w = w.astype(dtype)
+  """[..., I] @ w (reshaped to [I, O]) as a 2-D matmul on flattened rows (see vit.Dense).
+
+  Operands in `dtype`, float32 result (precision.py).
+  """
   w = w.reshape(x.shape[-1], -1)
-  return jnp.dot(x.reshape(-1, w.shape[0]).astype(dtype), w).reshape(*x.shape[:-1], -1)
+  return precision.dot(x.reshape(-1, w.shape[0]), w, dtype).reshape(*x.shape[:-1], -1)
 
 
 def apply_rope(x, positions, max_wavelength):
@@ -136,13 +139,13 @@ class Attention(nnx.Module):
     # G query heads of a group stacked along T: no repeated K/V in memory.
     q = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)        # [B, K, S, Dh]
-    logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)           # [B, K, G*T, S]
+    logits = precision.dot(q, k.swapaxes(-1, -2), self.dtype)       # [B, K, G*T, S]
     logits = logits.reshape(b, kv, g, t, -1)                        # [B, K, G, T, S]
     logits = jnp.where(mask[:, None, None], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    y = probs.reshape(b, kv, g * t, -1) @ v                         # [B, K, G*T, Dh]
+    probs = jax.nn.softmax(logits, axis=-1)
+    y = precision.dot(probs.reshape(b, kv, g * t, -1), v, self.dtype)  # [B, K, G*T, Dh]
     y = y.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4)         # [B, T, K, G, Dh]
-    return matmul(y.reshape(b, t, n * dh), self.out[...], self.dtype).astype(jnp.float32)
+    return matmul(y.reshape(b, t, n * dh), self.out[...], self.dtype)
 
   def __call__(self, x, positions, mask):
     return self.attend(*self.project(x, positions), mask)
@@ -162,7 +165,7 @@ class MlpBlock(nnx.Module):
     w = self.gating[...]
     gate = jax.nn.gelu(matmul(x, w[0], self.dtype), approximate=True)  # [B, T, F]
     up = matmul(x, w[1], self.dtype)                                   # [B, T, F]
-    return matmul(gate * up, self.linear[...], self.dtype).astype(jnp.float32)
+    return matmul(gate * up, self.linear[...], self.dtype)
 
 
 class Block(nnx.Module):

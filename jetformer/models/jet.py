@@ -44,7 +44,7 @@ class JetConfig:
   num_classes: int = 0                    # > 0: class-conditional via cross-attention
   remat: str = "dots"                     # a key of REMAT_POLICIES (dots: fastest measured, bench/)
   scan: bool = True
-  dtype: str = "float32"                  # compute dtype of the conditioning network
+  dtype: str = "float32"                  # matmul operands of the conditioning network (precision.py)
 
   def __post_init__(self):
     h, w, _ = self.image_shape

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jetformer.models import precision
+
 xavier = jax.nn.initializers.xavier_uniform()
 
 
@@ -34,9 +36,9 @@ class Dense(nnx.Module):
   def __call__(self, x):  # [..., in] -> [..., out]
     # A 2-D matmul: XLA:CPU runs the backward of a 3-D dot_general several
     # times slower than that of the same product on flattened rows.
-    k = self.kernel[...].astype(self.dtype)
-    y = jnp.dot(x.reshape(-1, k.shape[0]).astype(self.dtype), k)
-    return (y + self.bias[...].astype(self.dtype)).reshape(*x.shape[:-1], k.shape[1])
+    k = self.kernel[...]
+    y = precision.dot(x.reshape(-1, k.shape[0]), k, self.dtype) + self.bias[...]
+    return y.reshape(*x.shape[:-1], k.shape[1])
 
 
 class LayerNorm(nnx.Module):
@@ -79,8 +81,8 @@ class Attention(nnx.Module):
     self.dtype = dtype
 
   def _proj(self, p, x):  # [B, T, D] -> [B, T, H, Dh], as a 2-D matmul (see Dense)
-    k = p["kernel"][...].astype(self.dtype)
-    y = jnp.dot(x.reshape(-1, k.shape[0]).astype(self.dtype), k.reshape(k.shape[0], -1))
+    k = p["kernel"][...]
+    y = precision.dot(x.reshape(-1, k.shape[0]), k.reshape(k.shape[0], -1), self.dtype)
     return y.reshape(*x.shape[:-1], *k.shape[1:]) + p["bias"][...]
 
   def __call__(self, x, context):  # [B, T, D], [B, S, D] -> [B, T, D]
@@ -91,12 +93,12 @@ class Attention(nnx.Module):
     # Heads-major batched matmuls: XLA:CPU runs these ~5x faster than the
     # equivalent einsums over [B, T, H, Dh] operands.
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))          # [B, H, T, Dh]
-    logits = q @ k.swapaxes(-1, -2)                                 # [B, H, T, S]
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    y = (probs @ v).transpose(0, 2, 1, 3)                           # [B, T, H, Dh]
-    w = self.out["kernel"][...].astype(self.dtype)                  # [H, Dh, D]
-    out = jnp.dot(y.reshape(-1, w.shape[0] * w.shape[1]), w.reshape(-1, w.shape[2]))
-    return (out.reshape(*y.shape[:2], -1) + self.out["bias"][...]).astype(jnp.float32)
+    logits = precision.dot(q, k.swapaxes(-1, -2), self.dtype)          # [B, H, T, S]
+    probs = jax.nn.softmax(logits, axis=-1)
+    y = precision.dot(probs, v, self.dtype).transpose(0, 2, 1, 3)      # [B, T, H, Dh]
+    w = self.out["kernel"][...]                                     # [H, Dh, D]
+    out = precision.dot(y.reshape(-1, w.shape[0] * w.shape[1]), w.reshape(-1, w.shape[2]), self.dtype)
+    return out.reshape(*y.shape[:2], -1) + self.out["bias"][...]
 
 
 class MlpBlock(nnx.Module):
@@ -110,7 +112,7 @@ class MlpBlock(nnx.Module):
                          kernel_init=xavier, bias_init=tiny, dtype=dtype)
 
   def __call__(self, x):
-    return self.Dense_1(jax.nn.gelu(self.Dense_0(x))).astype(jnp.float32)
+    return self.Dense_1(jax.nn.gelu(self.Dense_0(x)))
 
 
 class EncoderBlock(nnx.Module):

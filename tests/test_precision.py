@@ -1,0 +1,64 @@
+"""precision.dot: bfloat16 operands in the forward and both backward products, float32 results."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jetformer.models import precision
+
+
+def bf16(a):  # the bfloat16 value of a, as float64
+  return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.fixture
+def operands():
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  return (jax.random.normal(kx, (64, 48)), jax.random.normal(kw, (48, 32)),
+          jax.random.normal(kg, (64, 32)))
+
+
+def test_forward_is_the_bfloat16_product_accumulated_in_float32(operands):
+  x, w, _ = operands
+  out = precision.dot(x, w, jnp.bfloat16)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, bf16(x) @ bf16(w), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(out) - np.asarray(x @ w)).max() > 1e-3  # not the float32 product
+
+
+def test_gradients_are_bfloat16_products(operands):
+  x, w, g = operands
+  dx, dw = jax.grad(lambda x, w: jnp.sum(precision.dot(x, w, jnp.bfloat16) * g), (0, 1))(x, w)
+  assert dx.dtype == dw.dtype == jnp.float32
+  # Each gradient is the product of bfloat16 operands, rounded once to bfloat16.
+  np.testing.assert_allclose(dx, bf16(bf16(g) @ bf16(w).T), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dw, bf16(bf16(x).T @ bf16(g)), rtol=1e-6, atol=1e-6)
+  exact = jax.grad(lambda x, w: jnp.sum((x @ w) * g), (0, 1))(x, w)
+  for a, b in zip((dx, dw), exact):
+    np.testing.assert_allclose(a, b, rtol=3e-2, atol=0.1)
+
+
+def test_every_product_of_the_gradient_takes_bfloat16_operands(operands):
+  x, w, g = operands
+  loss = lambda x, w: jnp.sum(jnp.tanh(precision.dot(x, w, "bfloat16")) * g)
+  jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w)
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 3  # forward, input gradient, weight gradient
+  for e in dots:
+    assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e
+    assert e.params["preferred_element_type"] == jnp.float32
+
+
+def test_batched_operands(operands):
+  q = jax.random.normal(jax.random.key(1), (2, 3, 8, 16))
+  k = jax.random.normal(jax.random.key(2), (2, 3, 16, 8))
+  np.testing.assert_allclose(precision.dot(q, k, jnp.bfloat16), bf16(q) @ bf16(k),
+                             rtol=1e-5, atol=1e-5)
+  dq = jax.grad(lambda q: jnp.sum(precision.dot(q, k, jnp.bfloat16)))(q)
+  assert dq.shape == q.shape and dq.dtype == jnp.float32
+
+
+def test_float32_is_the_plain_matmul(operands):
+  x, w, _ = operands
+  np.testing.assert_array_equal(precision.dot(x, w), jnp.matmul(x, w))
