@@ -47,6 +47,10 @@ _CHANNEL_MASKS = "channel_coupling_masks-FREEZE_ME"
 _SPATIAL_MASKS = "spatial_coupling_masks-FREEZE_ME"
 
 
+# JetConfig fields that change how the flow runs, not its weights.
+FREE = ("remat", "scan", "dtype")
+
+
 def config_from_big_vision(model_kwargs, input_shape, **overrides):
   """JetConfig for big_vision `Model(**model_kwargs)` on images `input_shape` (H, W, C)."""
   kw = dict(model_kwargs)
@@ -118,7 +122,8 @@ def check_config(cfg, config):
   """Raises unless `cfg` (from the big_vision kwargs) is the Jet that the study `config` builds."""
   expected = train.jet_config(config)
   diff = {f.name: (getattr(cfg, f.name), getattr(expected, f.name))
-          for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expected, f.name)}
+          for f in dataclasses.fields(cfg)
+          if f.name not in FREE and getattr(cfg, f.name) != getattr(expected, f.name)}
   if diff:
     raise ValueError("The big_vision model and the study config differ, as "
                      f"{{field: (big_vision, config)}}: {diff}.")
@@ -135,7 +140,7 @@ def weights_state(jet, config):
 
 def convert(npz_path, model_kwargs, input_shape, config, workdir):
   """Writes the big_vision Jet in `npz_path` as checkpoint 0 of the study `config` in `workdir`."""
-  free = {k: config.model[k] for k in ("remat", "scan", "dtype")}
+  free = {k: config.model[k] for k in FREE}
   jet = jet_from_big_vision(load_npz(npz_path), dict(model_kwargs, input_shape=input_shape),
                             **free)
   check_config(jet.cfg, config)
