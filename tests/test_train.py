@@ -45,10 +45,12 @@ def one_step(config, mesh, batch):
   return jax.device_get(state), jax.device_get(metrics), state
 
 
-def test_fsdp_step_equals_single_device(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fsdp_step_equals_single_device(tmp_path, dtype):
   config = local_config(tmp_path)
   with config.unlocked():
     config.model.emb_dim = 32
+    config.model.dtype = dtype
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, 16, 16, 3)).astype(np.float32) / 127.5 - 1,
            "label": rng.integers(0, 10, (8,)).astype(np.int32)}
@@ -58,8 +60,12 @@ def test_fsdp_step_equals_single_device(tmp_path):
   kernel = live["params"]["couplings"]["dnn"]["init_proj"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
   assert live["frozen"]["perm"].sharding.is_fully_replicated
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), single, sharded)
   np.testing.assert_allclose(m1["bpd"], m8["bpd"], rtol=1e-6)
+  if dtype == "float32":
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 single, sharded)
+  else:  # sharded sums round to bfloat16 a little differently: the gradients agree, not bits
+    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-3)
 
 
 def run_main(workdir, data_dir, *flags):
@@ -103,7 +109,8 @@ def test_two_processes_train_like_one(tmp_path):
   port = 20000 + os.getpid() % 20000
   flags = ("--config=configs/digits_jet.py", "--config.runlocal=True",
            "--config.total_steps=4", "--config.ckpt_every=4", "--config.eval_every=100",
-           f"--config.dataset.data_dir={tmp_path / 'data'}", "--config.mesh=(('data',2),('fsdp',2))")
+           f"--config.dataset.data_dir={tmp_path / 'data'}", "--config.mesh=(('data',2),('fsdp',2))",
+           "--config.model.dtype=float32")  # exact: bfloat16 rounding follows the summation order
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   run_main(tmp_path / "warm", tmp_path / "data", "--config.total_steps=1")  # prepare data once
   procs = [subprocess.Popen(
