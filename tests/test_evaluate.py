@@ -116,6 +116,9 @@ def test_converter_rejects_another_model():
   meta = json.loads((TESTDATA / "jet_ref_a.json").read_text())
   cfg = big_vision.config_from_big_vision(meta["model_kwargs"], meta["input_shape"][1:])
   big_vision.check_config(cfg, ref_config())
+  bf16 = ref_config()
+  bf16.model.update(dtype="bfloat16", remat="full", scan=False)  # how it runs, not what it is
+  big_vision.check_config(cfg, bf16)
   with pytest.raises(ValueError, match="num_classes"):
     big_vision.check_config(cfg, digits_jet.get_config())
 

@@ -219,10 +219,11 @@ def test_config_errors():
     gemma.DecoderConfig(remat="some")
 
 
-@pytest.mark.parametrize("num_kv_heads,bidirectional", [(1, 0), (2, 0), (4, 3)])
-def test_cached_decoding_matches_full_forward(num_kv_heads, bidirectional):
+@pytest.mark.parametrize("num_kv_heads,bidirectional,dtype", [
+    (1, 0, "float32"), (2, 0, "float32"), (4, 3, "float32"), (1, 0, "bfloat16")])
+def test_cached_decoding_matches_full_forward(num_kv_heads, bidirectional, dtype):
   """Prefill a padded prompt batch, then extend one token at a time inside lax.scan."""
-  model = make_decoder(num_kv_heads=num_kv_heads)
+  model = make_decoder(num_kv_heads=num_kv_heads, dtype=dtype)  # bfloat16: a bfloat16 cache
   b, p, t = 2, 4, 9
   x = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, D)), jnp.float32)
   valid = jnp.ones((b, t), bool).at[1, 1:3].set(False)     # row 1: a shorter prompt
@@ -245,6 +246,7 @@ def test_cached_decoding_matches_full_forward(num_kv_heads, bidirectional):
     return jnp.concatenate([h0, hs.swapaxes(0, 1)], 1), cache
 
   out, cache = cached(model, x)
+  assert cache.k.dtype == jnp.dtype(dtype)
   np.testing.assert_allclose(out[valid], full[valid], rtol=1e-5, atol=1e-5)
   assert int(cache.end) == t
   np.testing.assert_array_equal(cache.next_pos, jnp.sum(valid, 1))

@@ -24,19 +24,22 @@ def test_forward_is_the_bfloat16_product_accumulated_in_float32(operands):
   out = precision.dot(x, w, jnp.bfloat16)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, bf16(x) @ bf16(w), rtol=1e-5, atol=1e-5)
-  assert np.abs(np.asarray(out) - np.asarray(x @ w)).max() > 1e-3  # not the float32 product
+  exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  assert np.abs(np.asarray(out) - exact).max() > 1e-3  # not the float32 product
 
 
 def test_gradients_are_bfloat16_products(operands):
   x, w, g = operands
   dx, dw = jax.grad(lambda x, w: jnp.sum(precision.dot(x, w, jnp.bfloat16) * g), (0, 1))(x, w)
   assert dx.dtype == dw.dtype == jnp.float32
-  # Each gradient is the product of bfloat16 operands, rounded once to bfloat16.
-  np.testing.assert_allclose(dx, bf16(bf16(g) @ bf16(w).T), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(dw, bf16(bf16(x).T @ bf16(g)), rtol=1e-6, atol=1e-6)
-  exact = jax.grad(lambda x, w: jnp.sum((x @ w) * g), (0, 1))(x, w)
-  for a, b in zip((dx, dw), exact):
-    np.testing.assert_allclose(a, b, rtol=3e-2, atol=0.1)
+  # Each gradient is the product of bfloat16 operands (accumulated in float32),
+  # rounded once to bfloat16: within half a bfloat16 ulp of the exact product.
+  for grad, ref in ((dx, bf16(g) @ bf16(w).T), (dw, bf16(x).T @ bf16(g))):
+    np.testing.assert_array_equal(grad, bf16(grad))
+    np.testing.assert_allclose(grad, ref, rtol=2**-8, atol=1e-6)
+  xd, wd, gd = (np.asarray(a, np.float64) for a in (x, w, g))
+  for grad, exact in ((dx, gd @ wd.T), (dw, xd.T @ gd)):
+    np.testing.assert_allclose(grad, exact, rtol=3e-2, atol=0.1)
 
 
 def test_every_product_of_the_gradient_takes_bfloat16_operands(operands):
@@ -50,7 +53,7 @@ def test_every_product_of_the_gradient_takes_bfloat16_operands(operands):
     assert e.params["preferred_element_type"] == jnp.float32
 
 
-def test_batched_operands(operands):
+def test_batched_operands_forward_and_gradient_shape(operands):
   q = jax.random.normal(jax.random.key(1), (2, 3, 8, 16))
   k = jax.random.normal(jax.random.key(2), (2, 3, 16, 8))
   np.testing.assert_allclose(precision.dot(q, k, jnp.bfloat16), bf16(q) @ bf16(k),

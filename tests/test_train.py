@@ -109,7 +109,8 @@ def test_two_processes_train_like_one(tmp_path):
   port = 20000 + os.getpid() % 20000
   flags = ("--config=configs/digits_jet.py", "--config.runlocal=True",
            "--config.total_steps=4", "--config.ckpt_every=4", "--config.eval_every=100",
-           f"--config.dataset.data_dir={tmp_path / 'data'}", "--config.mesh=(('data',2),('fsdp',2))",
+           f"--config.dataset.data_dir={tmp_path / 'data'}",
+           "--config.mesh=(('data',2),('fsdp',2))",
            "--config.model.dtype=float32")  # exact: bfloat16 rounding follows the summation order
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   run_main(tmp_path / "warm", tmp_path / "data", "--config.total_steps=1")  # prepare data once

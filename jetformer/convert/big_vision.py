@@ -48,7 +48,7 @@ _SPATIAL_MASKS = "spatial_coupling_masks-FREEZE_ME"
 
 
 # JetConfig fields that change how the flow runs, not its weights.
-FREE = ("remat", "scan", "dtype")
+RUNTIME_FIELDS = ("remat", "scan", "dtype")
 
 
 def config_from_big_vision(model_kwargs, input_shape, **overrides):
@@ -123,7 +123,7 @@ def check_config(cfg, config):
   expected = train.jet_config(config)
   diff = {f.name: (getattr(cfg, f.name), getattr(expected, f.name))
           for f in dataclasses.fields(cfg)
-          if f.name not in FREE and getattr(cfg, f.name) != getattr(expected, f.name)}
+          if f.name not in RUNTIME_FIELDS and getattr(cfg, f.name) != getattr(expected, f.name)}
   if diff:
     raise ValueError("The big_vision model and the study config differ, as "
                      f"{{field: (big_vision, config)}}: {diff}.")
@@ -140,7 +140,7 @@ def weights_state(jet, config):
 
 def convert(npz_path, model_kwargs, input_shape, config, workdir):
   """Writes the big_vision Jet in `npz_path` as checkpoint 0 of the study `config` in `workdir`."""
-  free = {k: config.model[k] for k in FREE}
+  free = {k: config.model[k] for k in RUNTIME_FIELDS}
   jet = jet_from_big_vision(load_npz(npz_path), dict(model_kwargs, input_shape=input_shape),
                             **free)
   check_config(jet.cfg, config)

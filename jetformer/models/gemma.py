@@ -37,7 +37,7 @@ class DecoderConfig:
   dropout: float = 0.0
   remat: str = "dots"            # a key of jet.REMAT_POLICIES
   scan: bool = True
-  dtype: str = "float32"         # compute dtype of the matmuls (params stay float32)
+  dtype: str = "float32"         # matmul operands (precision.py) and KV cache; params float32
   rope_max_wavelength: float = 10_000.0
 
   def __post_init__(self):

@@ -42,7 +42,7 @@ class Head(nnx.Module):
 
   def __call__(self, h):  # [..., width] -> Mixture
     k, d = self.num_mixtures, self.dim
-    raw = self.proj(h).astype(jnp.float32)                        # [..., K(1+2d)]
+    raw = self.proj(h)                                            # [..., K(1+2d)]
     lead = raw.shape[:-1]
     logits, means, raw_scales = jnp.split(raw, [k, k + k * d], axis=-1)
     scales = jnp.maximum(squareplus(raw_scales), self.tol)

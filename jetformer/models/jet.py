@@ -44,7 +44,7 @@ class JetConfig:
   num_classes: int = 0                    # > 0: class-conditional via cross-attention
   remat: str = "dots"                     # a key of REMAT_POLICIES (dots: fastest measured, bench/)
   scan: bool = True
-  dtype: str = "float32"                  # matmul operands of the conditioning network (precision.py)
+  dtype: str = "float32"                  # matmul operands of the ViT (precision.py; bf16: no jvp)
 
   def __post_init__(self):
     h, w, _ = self.image_shape
@@ -81,16 +81,17 @@ class DNN(nnx.Module):
     self.cross = (vit.Attention(e, cfg.num_heads, rngs=rngs, out_init=zeros, dtype=dt)
                   if cfg.num_classes else None)
     self.vit = vit.Encoder(e, cfg.block_depth, cfg.num_heads, rngs=rngs, dtype=dt)
+    # Scales and shifts: kept float32 (a small product that sets the logdet).
     self.final_proj = vit.Dense(e, d, axes=("embed", "patch"), rngs=rngs,
                                 kernel_init=jax.nn.initializers.zeros)
 
   def __call__(self, x1, context):  # [B, N, D/2] -> 2 x [B, N, D/2]
-    x = self.init_proj(x1).astype(jnp.float32) + self.posemb[...]
+    x = self.init_proj(x1) + self.posemb[...]
     if self.cross is not None:
       if context is None:
         raise ValueError("This Jet is class-conditional: pass context=jet.embed_labels(...).")
       x = x + self.cross(x, context)
-    bias, raw_scale = jnp.split(self.final_proj(self.vit(x)).astype(jnp.float32), 2, -1)
+    bias, raw_scale = jnp.split(self.final_proj(self.vit(x)), 2, -1)
     return bias, raw_scale
 
 
