@@ -4,13 +4,20 @@ import sys
 
 import pytest
 
-# The 8 devices' threads share 2 cores: a device can reach a collective
-# minutes after the first, past XLA:CPU's default rendezvous timeout (it aborts
-# the process), so the timeouts are raised.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_cpu_collective_timeout_seconds=1200"
-    " --xla_cpu_collective_call_terminate_timeout_seconds=1200")
+
+def xla_flags(devices):
+  """XLA_FLAGS for `devices` fake CPU devices, here and in the tests' subprocesses.
+
+  The devices' threads share 2 cores: one can reach a collective minutes after
+  the first, past XLA:CPU's default rendezvous timeout (which aborts the
+  process), so the timeouts are raised.
+  """
+  return (f"--xla_force_host_platform_device_count={devices}"
+          " --xla_cpu_collective_timeout_seconds=1200"
+          " --xla_cpu_collective_call_terminate_timeout_seconds=1200")
+
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
