@@ -8,14 +8,19 @@ with --distributed.
 import logging as std_logging
 import sys
 
-import jax
-from absl import app, flags, logging
-from clu import metric_writers, periodic_actions
-from ml_collections import config_flags
+from jetformer import hugepages
 
-import input_pipeline
-from configs import common
-from jetformer import evaluation, train
+if __name__ == "__main__":
+  hugepages.enable()  # re-executes with huge pages before JAX allocates (see the module)
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from clu import metric_writers, periodic_actions  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import input_pipeline  # noqa: E402
+from configs import common  # noqa: E402
+from jetformer import evaluation, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")

@@ -14,6 +14,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jetformer import hugepages  # noqa: E402
+
+if __name__ == "__main__":
+  hugepages.enable()  # re-executes with huge pages before JAX allocates (see the module)
+
 import jax  # noqa: E402
 
 from bench import timing  # noqa: E402
