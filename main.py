@@ -11,7 +11,7 @@ import sys
 from jetformer import hugepages
 
 if __name__ == "__main__":
-  hugepages.enable()  # re-executes with huge pages before JAX allocates (see the module)
+  hugepages.enable()  # once, before the heavy imports (see the module)
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jetformer import hugepages  # noqa: E402
 
 if __name__ == "__main__":
-  hugepages.enable()  # re-executes with huge pages before JAX allocates (see the module)
+  hugepages.enable()  # once, before the heavy imports (see the module)
 
 import jax  # noqa: E402
 

@@ -1,7 +1,6 @@
 """What the train-step benchmarks share: the machine's matmul peak, step timing, the JSON line."""
 
 import functools
-import os
 import resource
 import statistics
 import time
@@ -72,7 +71,7 @@ def report(*, batch, first_step_s, step_s, flops_per_step, **extra):
   peak = matmul_peak()
   return {
       **extra, "devices": jax.device_count(), "backend": jax.default_backend(), "batch": batch,
-      "huge_pages": hugepages.TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
+      "huge_pages": hugepages.active(),
       "step_s_median": round(step_s, 4),
       "images_per_s_median": round(batch / step_s, 2),
       "first_step_s": round(first_step_s, 2),
