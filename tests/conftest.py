@@ -18,6 +18,13 @@ def xla_flags(devices):
 
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)
+# Each collective blocks a thread of XLA:CPU's intra-op pool until all devices
+# join it, and XLA:CPU orders a device's collectives only by when they start,
+# so one device can have several in flight. The pool has max(cores, devices)
+# threads: with 8 devices it can fill with half-joined collectives and hang
+# (seen in CI: 4 devices waiting in an all-reduce, 4 in an all-gather, all 8
+# threads taken). XLA sizes the pool from PJRT_NPROC where set.
+os.environ.setdefault("PJRT_NPROC", "32")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
