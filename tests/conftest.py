@@ -5,27 +5,33 @@ import sys
 import pytest
 
 
-def xla_flags(devices):
-  """XLA_FLAGS for `devices` fake CPU devices, here and in the tests' subprocesses.
+def device_env(devices):
+  """Environment for `devices` fake CPU devices, here and in the tests' subprocesses.
 
-  The devices' threads share 2 cores: one can reach a collective minutes after
-  the first, past XLA:CPU's default rendezvous timeout (which aborts the
-  process), so the timeouts are raised.
+  Each collective blocks a thread of XLA:CPU's intra-op pool until all devices
+  join it, and XLA:CPU orders a device's collectives only by when they start,
+  so one device can have several in flight. The pool has max(cores, devices)
+  threads: with 8 devices it filled with half-joined collectives and hung (seen
+  in CI: 4 devices waiting in an all-reduce, 4 in an all-gather, every thread
+  taken). XLA sizes the pool from PJRT_NPROC: two threads per device. The
+  rendezvous timeouts give a device's thread time to reach a collective on 2
+  busy cores, and turn a hang into a failure after 5 minutes.
   """
-  return (f"--xla_force_host_platform_device_count={devices}"
-          " --xla_cpu_collective_timeout_seconds=1200"
-          " --xla_cpu_collective_call_terminate_timeout_seconds=1200")
+  return {
+      "XLA_FLAGS": (f"--xla_force_host_platform_device_count={devices}"
+                    " --xla_cpu_collective_timeout_seconds=300"
+                    " --xla_cpu_collective_call_terminate_timeout_seconds=300"),
+      "PJRT_NPROC": str(2 * devices),
+  }
 
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)
-# Each collective blocks a thread of XLA:CPU's intra-op pool until all devices
-# join it, and XLA:CPU orders a device's collectives only by when they start,
-# so one device can have several in flight. The pool has max(cores, devices)
-# threads: with 8 devices it can fill with half-joined collectives and hang
-# (seen in CI: 4 devices waiting in an all-reduce, 4 in an all-gather, all 8
-# threads taken). XLA sizes the pool from PJRT_NPROC where set: 16 threads, two
-# per device (32 made the suite 6 minutes slower on 2 cores).
-os.environ.setdefault("PJRT_NPROC", "16")
+def subprocess_env(devices):
+  """os.environ with `devices` fake devices, for a test's subprocess."""
+  return dict(os.environ, **device_env(devices))
+
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + device_env(8)["XLA_FLAGS"]
+os.environ.setdefault("PJRT_NPROC", device_env(8)["PJRT_NPROC"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

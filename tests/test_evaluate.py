@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import digits_jet
-from conftest import xla_flags
+from conftest import subprocess_env
 from jetformer import evaluation
 from jetformer.convert import big_vision
 from jetformer.metrics import inception
@@ -28,7 +28,7 @@ REF_MODEL = dict(depth=4, num_heads=2, num_classes=0,
 
 
 def run(args, devices):
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
+  env = subprocess_env(devices)
   out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]

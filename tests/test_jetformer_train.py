@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 
 import input_pipeline
 from configs import common, digits_jetformer, jetformer_image_text, jetformer_imagenet256
-from conftest import xla_flags
+from conftest import subprocess_env
 from input_pipeline import pca
 from jetformer import sharding, steps, train
 
@@ -166,7 +166,7 @@ def run_main(config, workdir, data_dir, *flags):
   cmd = [sys.executable, str(ROOT / "main.py"), f"--config=configs/{config}.py",
          f"--workdir={workdir}", "--config.runlocal=True",
          f"--config.dataset.data_dir={data_dir}", *flags]
-  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
+  env = subprocess_env(2)
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import common, digits_jet
-from conftest import xla_flags
+from conftest import subprocess_env
 from jetformer import objectives, optim, sharding, steps, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def run_main(workdir, data_dir, *flags):
   cmd = [sys.executable, str(ROOT / "main.py"), "--config=configs/digits_jet.py",
          f"--workdir={workdir}", "--config.runlocal=True",
          f"--config.dataset.data_dir={data_dir}", *flags]
-  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
+  env = subprocess_env(2)
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout + out.stderr
@@ -113,7 +113,7 @@ def test_two_processes_train_like_one(tmp_path):
            f"--config.dataset.data_dir={tmp_path / 'data'}",
            "--config.mesh=(('data',2),('fsdp',2))",
            "--config.model.dtype=float32")  # exact: bfloat16 rounding follows the summation order
-  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
+  env = subprocess_env(2)
   run_main(tmp_path / "warm", tmp_path / "data", "--config.total_steps=1")  # prepare data once
   procs = [subprocess.Popen(
       [sys.executable, str(ROOT / "main.py"), f"--workdir={tmp_path / 'multi'}", *flags,
@@ -122,7 +122,7 @@ def test_two_processes_train_like_one(tmp_path):
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
   logs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
-  env4 = dict(os.environ, XLA_FLAGS=xla_flags(4))
+  env4 = subprocess_env(4)
   out = subprocess.run([sys.executable, str(ROOT / "main.py"), f"--workdir={tmp_path / 'single'}",
                         *flags], cwd=ROOT, env=env4, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
