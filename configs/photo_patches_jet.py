@@ -3,7 +3,7 @@ scikit-learn and scikit-image; validation crops come from regions training never
 
   python main.py --config=configs/photo_patches_jet.py --workdir=/tmp/jet_photo
 
-Trains in about 11 minutes on 2 CPU cores and ends by printing the validation
+Trains in about 13 minutes on 2 CPU cores and ends by printing the validation
 bits/dim beside PNG's on the same patches: Jet 3.917, PNG 4.774 (README).
 """
 
