@@ -30,8 +30,9 @@ def subprocess_env(devices):
   return dict(os.environ, **device_env(devices))
 
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + device_env(8)["XLA_FLAGS"]
-os.environ.setdefault("PJRT_NPROC", device_env(8)["PJRT_NPROC"])
+_IN_PROCESS = device_env(8)
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + _IN_PROCESS["XLA_FLAGS"]
+os.environ.setdefault("PJRT_NPROC", _IN_PROCESS["PJRT_NPROC"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

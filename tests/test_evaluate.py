@@ -1,7 +1,6 @@
 """evaluate.py reproduces training's numbers on another mesh; converted big_vision weights restore."""
 
 import json
-import os
 import pathlib
 import re
 import subprocess

@@ -2,7 +2,6 @@
 every ablation override and the demos run end to end (runlocal, mock TFDS data)."""
 
 import functools
-import os
 import pathlib
 import subprocess
 import sys
