@@ -74,6 +74,9 @@ def main():
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
   args = parser.parse_args()
+  if not os.path.isfile(os.path.join(args.big_vision_dir, "big_vision/models/proj/jet/jet.py")):
+    sys.exit(f"--big_vision_dir={args.big_vision_dir} holds no big_vision/models/proj/jet/jet.py: "
+             "pass the root of a checkout of github.com/google-research/big_vision.")
   sys.path.insert(0, args.big_vision_dir)
   jet = importlib.import_module("big_vision.models.proj.jet.jet")
 
