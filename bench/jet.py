@@ -23,12 +23,8 @@ import jax  # noqa: E402
 
 from bench import timing  # noqa: E402
 from jetformer import objectives, optim, steps  # noqa: E402
+from bench.jet_configs import CONFIGS  # noqa: E402
 from jetformer.models import jet as jet_lib  # noqa: E402
-
-CONFIGS = {
-    "J-small": dict(image=32, batch=32, ps=4, depth=8, block_depth=2, emb_dim=256, num_heads=4),
-    "J-64": dict(image=64, batch=16, ps=4, depth=16, block_depth=2, emb_dim=256, num_heads=4),
-}
 
 
 def step_flops(cfg, tx, state, data, key):

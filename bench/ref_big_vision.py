@@ -34,11 +34,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from bench import timing  # noqa: E402
-
-CONFIGS = {  # as in bench/jet.py
-    "J-small": dict(image=32, batch=32, depth=8),
-    "J-64": dict(image=64, batch=16, depth=16),
-}
+from bench.jet_configs import CONFIGS  # noqa: E402
 
 
 def bits_per_dim(z, logdet):  # as the trainer's _bits_per_dim, with a scipy-style log pdf
@@ -82,7 +78,8 @@ def main():
 
   cfg = CONFIGS[args.config]
   size, batch = cfg["image"], cfg["batch"]
-  model = jet.Model(depth=cfg["depth"], block_depth=2, emb_dim=256, num_heads=4, ps=4,
+  model = jet.Model(depth=cfg["depth"], block_depth=cfg["block_depth"], emb_dim=cfg["emb_dim"],
+                    num_heads=cfg["num_heads"], ps=cfg["ps"],
                     kinds=("channels", "channels", "spatial"))
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (batch, size, size, 3)) / 127.5 - 1, jnp.float32)

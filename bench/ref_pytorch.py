@@ -19,17 +19,18 @@ CPU its own setting is `--compile=1 --bf16=0`; `--bf16=1` autocasts on the CPU
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
+import sys
 import time
 
 import torch
 from jet_pytorch.jet import Jet  # only the model: jet_pytorch.util needs hub and vision extras
 
-CONFIGS = {  # as in bench/jet.py
-    "J-small": dict(image=32, batch=32, depth=8),
-    "J-64": dict(image=64, batch=16, depth=16),
-}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.jet_configs import CONFIGS  # noqa: E402
 
 
 def make_step(model, forward, size, batch, bf16):
@@ -68,8 +69,10 @@ def main():
   cfg = CONFIGS[args.config]
   size = cfg["image"]
   torch.manual_seed(0)
-  model = Jet(patch_size=4, patch_dim=48, n_patches=(size // 4) ** 2, img_dims=(size, size),
-              coupling_layers=cfg["depth"], block_depth=2, block_width=256, num_heads=4,
+  ps = cfg["ps"]
+  model = Jet(patch_size=ps, patch_dim=3 * ps * ps, n_patches=(size // ps) ** 2,
+              img_dims=(size, size), coupling_layers=cfg["depth"], block_depth=cfg["block_depth"],
+              block_width=cfg["emb_dim"], num_heads=cfg["num_heads"],
               coupling_types=("channels", "channels", "spatial"),
               spatial_coupling_projs=("checkerboard", "checkerboard-inv"))
   forward = torch.compile(model) if args.compile else model
