@@ -2,10 +2,13 @@
 
 Times the full update (dequantize, flow, bits/dim, backward, clip, Adam) on
 random images, on whatever devices JAX sees. Prints one JSON line at the end.
+`--compare_cpu_gradients=1` instead times the step with and without
+precision.py's XLA:CPU gradients in alternation and prints the two rates.
 Needs no TensorFlow.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -25,19 +28,47 @@ from bench import timing  # noqa: E402
 from jetformer import objectives, optim, steps  # noqa: E402
 from bench.jet_configs import CONFIGS  # noqa: E402
 from jetformer.models import jet as jet_lib  # noqa: E402
+from jetformer.models import precision  # noqa: E402
+
+
+@contextlib.contextmanager
+def cpu_gradients(on):
+  """Trace with (the default on a CPU) or without precision.py's XLA:CPU gradients."""
+  default = precision._xla_cpu
+  precision._xla_cpu = lambda: on and default()
+  try:
+    yield
+  finally:
+    precision._xla_cpu = default
 
 
 def step_flops(cfg, tx, state, data, key):
   """FLOPs of one step from XLA's cost analysis of the *unrolled* model.
 
   The analysis counts a scan's body once, not once per coupling, so it is
-  taken on the same step with the couplings unrolled (same params tree).
+  taken on the same step with the couplings unrolled (same params tree), and
+  without the XLA:CPU gradients, whose transposing products are no model FLOPs.
   """
   unrolled = dataclasses.replace(cfg, scan=False)
   graphdef, _, _ = steps.abstract_model(unrolled)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.0,
                                    objective=objectives.JetObjective(0.0)))
-  return timing.flops(step, state, data, key)
+  with cpu_gradients(False):
+    return timing.flops(step, state, data, key)
+
+
+def compare_cpu_gradients(cfg, tx, state, data, key, batch, rounds):
+  """Prints images/s of the step with and without the XLA:CPU gradients, timed in alternation."""
+  variants = {}
+  for on in (True, False):
+    graphdef, _, _ = steps.abstract_model(cfg)
+    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.0,
+                                     objective=objectives.JetObjective(0.0)), donate_argnums=0)
+    with cpu_gradients(on):
+      variants[on] = step.lower(state, data, key).compile()
+  medians = timing.compare_steps(variants, state, data, key, warmup=1, rounds=rounds)
+  print(json.dumps({f"images_per_s_median_cpu_gradients_{int(on)}": round(batch / t, 2)
+                    for on, t in medians.items()}))
 
 
 def main():
@@ -50,6 +81,8 @@ def main():
                       help="matmul operands of the conditioning networks (the studies' default)")
   parser.add_argument("--mu_dtype", default="", help="Adam first-moment dtype (paper: bfloat16)")
   parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--compare_cpu_gradients", type=int, default=0,
+                      help="1: A/B of precision.py's XLA:CPU gradients, --steps per variant")
   parser.add_argument("--warmup", type=int, default=3)
   args = parser.parse_args()
   spec = dict(CONFIGS[args.config])
@@ -60,6 +93,8 @@ def main():
 
   tx = optim.make(lr=3e-4, total_steps=1000, mu_dtype=args.mu_dtype, weight_decay=1e-5)
   _, state, data = timing.setup(cfg, tx, size, batch, num_classes=0)
+  if args.compare_cpu_gradients:
+    return compare_cpu_gradients(cfg, tx, state, data, jax.random.key(0), batch, args.steps // 2)
   graphdef, _, _ = steps.abstract_model(cfg)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.0,
                                    objective=objectives.JetObjective(0.0)), donate_argnums=0)

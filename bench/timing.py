@@ -66,6 +66,25 @@ def time_steps(step, state, data, key, *, warmup, steps):
   return first, statistics.median(times), state, metrics
 
 
+def compare_steps(variants, state, data, key, *, warmup, rounds):
+  """{name: median step seconds} of several compiled steps, timed in alternation.
+
+  `variants` maps names to compiled steps of one signature (each donates the
+  state). Alternating two steps at a time cancels this VM's drift, which moves
+  separate runs by +-10% and more.
+  """
+  times = {name: [] for name in variants}
+  for r in range(warmup + rounds):
+    for name, compiled in variants.items():
+      for i in range(2):
+        t = time.perf_counter()
+        state, metrics = compiled(state, data, jax.random.fold_in(key, 2 * r + i))
+        jax.block_until_ready(metrics)
+        if r >= warmup:
+          times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def report(*, batch, first_step_s, step_s, flops_per_step, **extra):
   """The benchmarks' JSON line fields (throughput, compile, memory, FLOPs, matmul fraction)."""
   peak = matmul_peak()
