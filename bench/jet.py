@@ -42,6 +42,13 @@ def cpu_gradients(on):
     precision._xla_cpu = default
 
 
+def jitted_step(cfg, tx, **jit_kwargs):
+  """The Jet train step of bench/jet.py (no EMA, no label dropout), jitted."""
+  graphdef, _, _ = steps.abstract_model(cfg)
+  return jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.0,
+                                   objective=objectives.JetObjective(0.0)), **jit_kwargs)
+
+
 def step_flops(cfg, tx, state, data, key):
   """FLOPs of one step from XLA's cost analysis of the *unrolled* model.
 
@@ -49,10 +56,7 @@ def step_flops(cfg, tx, state, data, key):
   taken on the same step with the couplings unrolled (same params tree), and
   without the XLA:CPU gradients, whose transposing products are no model FLOPs.
   """
-  unrolled = dataclasses.replace(cfg, scan=False)
-  graphdef, _, _ = steps.abstract_model(unrolled)
-  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.0,
-                                   objective=objectives.JetObjective(0.0)))
+  step = jitted_step(dataclasses.replace(cfg, scan=False), tx)
   with cpu_gradients(False):
     return timing.flops(step, state, data, key)
 
@@ -61,9 +65,7 @@ def compare_cpu_gradients(cfg, tx, state, data, key, batch, rounds):
   """Prints images/s of the step with and without the XLA:CPU gradients, timed in alternation."""
   variants = {}
   for on in (True, False):
-    graphdef, _, _ = steps.abstract_model(cfg)
-    step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.0,
-                                     objective=objectives.JetObjective(0.0)), donate_argnums=0)
+    step = jitted_step(cfg, tx, donate_argnums=0)  # a fresh jit: its trace must not be reused
     with cpu_gradients(on):
       variants[on] = step.lower(state, data, key).compile()
   medians = timing.compare_steps(variants, state, data, key, warmup=1, rounds=rounds)
@@ -95,9 +97,7 @@ def main():
   _, state, data = timing.setup(cfg, tx, size, batch, num_classes=0)
   if args.compare_cpu_gradients:
     return compare_cpu_gradients(cfg, tx, state, data, jax.random.key(0), batch, args.steps // 2)
-  graphdef, _, _ = steps.abstract_model(cfg)
-  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.0,
-                                   objective=objectives.JetObjective(0.0)), donate_argnums=0)
+  step = jitted_step(cfg, tx, donate_argnums=0)
   key = jax.random.key(0)
 
   first_step_s, step_s, state, metrics = timing.time_steps(
