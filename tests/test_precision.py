@@ -13,13 +13,40 @@ def bf16(a):  # the bfloat16 value of a, as float64
   return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
 
 
-# [M, K] x [K, N]: on XLA:CPU the weight gradient transposes x when K <= N, else g.
+def t(a):  # swap the last two axes
+  return np.swapaxes(a, -1, -2)
+
+
+# [..., M, K] x [..., K, N], y given as is or transposed ([..., N, K]). On XLA:CPU
+# the weight gradient transposes x when K <= N, else g; batched products are
+# what attention multiplies.
 @pytest.fixture(params=[(64, 48, 32), (64, 32, 48)], ids=["K>N", "K<=N"])
-def operands(request):
-  m, k, n = request.param
+def shape(request):
+  return request.param
+
+
+@pytest.fixture(params=[(), (3,)], ids=["2d", "batched"])
+def batch(request):
+  return request.param
+
+
+@pytest.fixture(params=[False, True], ids=["x@y", "x@y^T"])
+def y_transposed(request):
+  return request.param
+
+
+@pytest.fixture
+def operands(shape, batch, y_transposed):
+  """(x, y, g, dot) with dot(x, y, dtype) the product under test and y as passed to it."""
+  m, k, n = shape
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-  return (jax.random.normal(kx, (m, k)), jax.random.normal(kw, (k, n)),
-          jax.random.normal(kg, (m, n)))
+  y = jax.random.normal(kw, (*batch, n, k) if y_transposed else (*batch, k, n))
+  dot = lambda a, b, dtype=jnp.float32: precision.dot(a, b, dtype, y_transposed=y_transposed)
+  return (jax.random.normal(kx, (*batch, m, k)), y, jax.random.normal(kg, (*batch, m, n)), dot)
+
+
+def as_kn(y, operands):  # y as [..., K, N]
+  return t(y) if operands[1].shape[-2:] != (operands[0].shape[-1], operands[2].shape[-1]) else y
 
 
 @pytest.fixture(params=["xla_cpu", "other"])
@@ -30,32 +57,35 @@ def backend(request, monkeypatch):
 
 
 def test_forward_is_the_bfloat16_product_accumulated_in_float32(operands):
-  x, w, _ = operands
-  out = precision.dot(x, w, jnp.bfloat16)
+  x, y, _, dot = operands
+  out = dot(x, y, jnp.bfloat16)
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, bf16(x) @ bf16(w), rtol=1e-5, atol=1e-5)
-  exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  np.testing.assert_allclose(out, bf16(x) @ as_kn(bf16(y), operands), rtol=1e-5, atol=1e-5)
+  exact = np.asarray(x, np.float64) @ as_kn(np.asarray(y, np.float64), operands)
   assert np.abs(np.asarray(out) - exact).max() > 1e-3  # not the float32 product
 
 
 def test_gradients_are_bfloat16_products(operands, backend):
-  x, w, g = operands
-  dx, dw = jax.grad(lambda x, w: jnp.sum(precision.dot(x, w, jnp.bfloat16) * g), (0, 1))(x, w)
-  assert dx.dtype == dw.dtype == jnp.float32
+  x, y, g, dot = operands
+  dx, dy = jax.grad(lambda x, y: jnp.sum(dot(x, y, jnp.bfloat16) * g), (0, 1))(x, y)
+  assert dx.dtype == dy.dtype == jnp.float32
   # Each gradient is the product of bfloat16 operands (accumulated in float32),
   # rounded once to bfloat16: within half a bfloat16 ulp of the exact product.
-  for grad, ref in ((dx, bf16(g) @ bf16(w).T), (dw, bf16(x).T @ bf16(g))):
+  yk = as_kn(bf16(y), operands)
+  dy_kn = as_kn(np.asarray(dy), operands)
+  for grad, ref in ((dx, bf16(g) @ t(yk)), (dy_kn, t(bf16(x)) @ bf16(g))):
     np.testing.assert_array_equal(grad, bf16(grad))
     np.testing.assert_allclose(grad, ref, rtol=2**-8, atol=1e-6)
-  xd, wd, gd = (np.asarray(a, np.float64) for a in (x, w, g))
-  for grad, exact in ((dx, gd @ wd.T), (dw, xd.T @ gd)):
+  xd, gd = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  yd = as_kn(np.asarray(y, np.float64), operands)
+  for grad, exact in ((dx, gd @ t(yd)), (dy_kn, t(xd) @ gd)):
     np.testing.assert_allclose(grad, exact, rtol=3e-2, atol=0.1)
 
 
 def test_every_product_of_the_gradient_takes_bfloat16_operands(operands, backend):
-  x, w, g = operands
-  loss = lambda x, w: jnp.sum(jnp.tanh(precision.dot(x, w, "bfloat16")) * g)
-  jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w)
+  x, y, g, dot = operands
+  loss = lambda x, y: jnp.sum(jnp.tanh(dot(x, y, "bfloat16")) * g)
+  jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, y)
   dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
   # forward, input gradient, weight gradient (on XLA:CPU also the transposing product)
   assert len(dots) == {"xla_cpu": 4, "other": 3}[backend]
@@ -65,23 +95,14 @@ def test_every_product_of_the_gradient_takes_bfloat16_operands(operands, backend
 
 
 def test_remat_policies_see_the_forward_product(operands, backend, capsys):
-  x, w, _ = operands
-  f = jax.checkpoint(lambda x, w: jnp.sum(jnp.tanh(precision.dot(x, w, "bfloat16"))),
-                     policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  print_saved_residuals(f, x, w)  # the only public listing of what a policy saves
+  x, y, g, dot = operands
+  f = jax.checkpoint(lambda x, y: jnp.sum(jnp.tanh(dot(x, y, "bfloat16"))),
+                     policy=jax.checkpoint_policies.dots_saveable)
+  print_saved_residuals(f, x, y)  # the only public listing of what a policy saves
   # the product is saved, not recomputed
-  assert f"f32[{x.shape[0]},{w.shape[1]}] output of dot_general" in capsys.readouterr().out
-
-
-def test_batched_operands_forward_and_gradient_shape(operands):
-  q = jax.random.normal(jax.random.key(1), (2, 3, 8, 16))
-  k = jax.random.normal(jax.random.key(2), (2, 3, 16, 8))
-  np.testing.assert_allclose(precision.dot(q, k, jnp.bfloat16), bf16(q) @ bf16(k),
-                             rtol=1e-5, atol=1e-5)
-  dq = jax.grad(lambda q: jnp.sum(precision.dot(q, k, jnp.bfloat16)))(q)
-  assert dq.shape == q.shape and dq.dtype == jnp.float32
+  assert f"f32[{','.join(map(str, g.shape))}] output of dot_general" in capsys.readouterr().out
 
 
 def test_float32_is_the_plain_matmul(operands):
-  x, w, _ = operands
-  np.testing.assert_array_equal(precision.dot(x, w), jnp.matmul(x, w))
+  x, y, _, dot = operands
+  np.testing.assert_array_equal(dot(x, y), jnp.matmul(x, as_kn(y, operands)))
