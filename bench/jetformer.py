@@ -58,7 +58,7 @@ def train_step(cfg, tx, **kw):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--config", choices=sorted(CONFIGS), default="JF-small")
-  parser.add_argument("--remat", choices=sorted(jet_lib.REMAT_POLICIES), default="dots")
+  parser.add_argument("--remat", choices=sorted(gemma.REMAT_POLICIES), default="dots")
   parser.add_argument("--batch", type=int, default=0, help="override the batch size")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)

@@ -15,8 +15,8 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
                    eval_split=eval_split, flip=True, worker_count=0)
   c.model = dict(ps=4, depth=32, block_depth=2, emb_dim=512, num_heads=8, scale_factor=2.0,
                  kinds=("channels",) * 4 + ("spatial",), channel_projs=("random",),
-                 spatial_projs=ALL_SPATIAL, num_classes=0, remat="dots", scan=True,
-                 dtype="bfloat16")  # ViT matmul operands (precision.py); "float32": plain
+                 spatial_projs=ALL_SPATIAL, num_classes=0, remat="dots_except_mlp_hidden",
+                 scan=True, dtype="bfloat16")  # ViT matmul operands (precision.py); "float32": plain
   c.label_drop_prob = 0.0
   c.batch_size = 1024
   c.num_epochs = 200.0

@@ -17,9 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jetformer.models import jet
 from jetformer.models import precision
 from jetformer.models import vit
-from jetformer.models.jet import REMAT_POLICIES
+
+# The decoder names none of its products, so the policies that pick by name do not apply.
+REMAT_POLICIES = {k: jet.REMAT_POLICIES[k] for k in ("none", "full", "dots")}
 
 # Masked logits: finite so that a fully masked row (a padding query) gives a
 # uniform softmax instead of NaNs.
@@ -35,7 +38,7 @@ class DecoderConfig:
   num_kv_heads: int = 1          # 1: multi-query; num_heads: multi-head; between: grouped-query
   head_dim: int = 64
   dropout: float = 0.0
-  remat: str = "dots"            # a key of jet.REMAT_POLICIES
+  remat: str = "dots"            # a key of REMAT_POLICIES
   scan: bool = True
   dtype: str = "float32"         # matmul operands (precision.py) and KV cache; params float32
   rope_max_wavelength: float = 10_000.0

@@ -18,10 +18,13 @@ from jetformer import sharding
 from jetformer.models import permutations
 from jetformer.models import vit
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+REMAT_POLICIES = {  # what the backward pass finds saved of each coupling's forward
+    "none": None,                                                      # everything
+    "full": jax.checkpoint_policies.nothing_saveable,                  # nothing
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the dense products
+    # The dense products but the MLP's 4x wider hidden layer, recomputed
+    # instead: fastest on CPUs, where memory is slow (bench/RESULTS.md).
+    "dots_except_mlp_hidden": jax.checkpoint_policies.save_any_names_but_these(vit.MLP_HIDDEN),
 }
 
 
@@ -42,7 +45,7 @@ class JetConfig:
   channel_projs: Sequence[str] = ("random",)
   spatial_projs: Sequence[str] = ("checkerboard", "checkerboard-inv")
   num_classes: int = 0                    # > 0: class-conditional via cross-attention
-  remat: str = "dots"                     # a key of REMAT_POLICIES (dots: fastest measured, bench/)
+  remat: str = "dots_except_mlp_hidden"   # a key of REMAT_POLICIES (fastest measured, bench/)
   scan: bool = True
   dtype: str = "float32"                  # matmul operands of the ViT (precision.py; bf16: no jvp)
 

@@ -11,10 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jetformer.models import precision
 
 xavier = jax.nn.initializers.xavier_uniform()
+
+# Names of the dense products' outputs, for remat policies that pick by name
+# (jet.REMAT_POLICIES): every 2-D product here carries one.
+MLP_HIDDEN = "mlp_hidden"  # the MLP's first layer, 4x wider than the rest
 
 
 def param(init, key, shape, axes, dtype=jnp.float32):
@@ -24,21 +29,22 @@ def param(init, key, shape, axes, dtype=jnp.float32):
 
 
 class Dense(nnx.Module):
-  """y = x @ kernel + bias; kernel [in, out]."""
+  """y = x @ kernel + bias; kernel [in, out]; the product is named `name` for remat."""
 
   def __init__(self, din, dout, *, axes, rngs, kernel_init=None,
-               bias_init=jax.nn.initializers.zeros, dtype=jnp.float32):
+               bias_init=jax.nn.initializers.zeros, dtype=jnp.float32, name="dense"):
     kernel_init = kernel_init or jax.nn.initializers.lecun_normal()
     self.kernel = param(kernel_init, rngs.params(), (din, dout), axes)
     self.bias = param(bias_init, rngs.params(), (dout,), axes[1:])
     self.dtype = dtype
+    self.name = name
 
   def __call__(self, x):  # [..., in] -> [..., out]
     # A 2-D matmul: XLA:CPU runs the backward of a 3-D dot_general several
     # times slower than that of the same product on flattened rows.
     k = self.kernel[...]
-    y = precision.dot(x.reshape(-1, k.shape[0]), k, self.dtype) + self.bias[...]
-    return y.reshape(*x.shape[:-1], k.shape[1])
+    y = checkpoint_name(precision.dot(x.reshape(-1, k.shape[0]), k, self.dtype), self.name)
+    return (y + self.bias[...]).reshape(*x.shape[:-1], k.shape[1])
 
 
 class LayerNorm(nnx.Module):
@@ -83,7 +89,7 @@ class Attention(nnx.Module):
   def _proj(self, p, x):  # [B, T, D] -> [B, T, H, Dh], as a 2-D matmul (see Dense)
     k = p["kernel"][...]
     y = precision.dot(x.reshape(-1, k.shape[0]), k.reshape(k.shape[0], -1), self.dtype)
-    return y.reshape(*x.shape[:-1], *k.shape[1:]) + p["bias"][...]
+    return checkpoint_name(y, "attention_proj").reshape(*x.shape[:-1], *k.shape[1:]) + p["bias"][...]
 
   def __call__(self, x, context):  # [B, T, D], [B, S, D] -> [B, T, D]
     q = self._proj(self.query, x)        # [B, T, H, Dh]
@@ -102,7 +108,7 @@ class Attention(nnx.Module):
     y = y.transpose(0, 2, 1, 3)                                     # [B, T, H, Dh]
     w = self.out["kernel"][...]                                     # [H, Dh, D]
     w = w.reshape(-1, w.shape[2])
-    out = precision.dot(y.reshape(-1, w.shape[0]), w, self.dtype)
+    out = checkpoint_name(precision.dot(y.reshape(-1, w.shape[0]), w, self.dtype), "attention_proj")
     return out.reshape(*y.shape[:2], -1) + self.out["bias"][...]
 
 
@@ -112,9 +118,9 @@ class MlpBlock(nnx.Module):
   def __init__(self, dim, mlp_dim, *, rngs, dtype=jnp.float32):
     tiny = jax.nn.initializers.normal(1e-6)
     self.Dense_0 = Dense(dim, mlp_dim, axes=("embed", "mlp"), rngs=rngs,
-                         kernel_init=xavier, bias_init=tiny, dtype=dtype)
+                         kernel_init=xavier, bias_init=tiny, dtype=dtype, name=MLP_HIDDEN)
     self.Dense_1 = Dense(mlp_dim, dim, axes=("mlp", "embed"), rngs=rngs,
-                         kernel_init=xavier, bias_init=tiny, dtype=dtype)
+                         kernel_init=xavier, bias_init=tiny, dtype=dtype, name="mlp_out")
 
   def __call__(self, x):
     return self.Dense_1(jax.nn.gelu(self.Dense_0(x)))
