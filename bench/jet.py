@@ -3,7 +3,8 @@
 Times the full update (dequantize, flow, bits/dim, backward, clip, Adam) on
 random images, on whatever devices JAX sees. Prints one JSON line at the end.
 `--compare_cpu_gradients=1` instead times the step with and without
-precision.py's XLA:CPU gradients in alternation and prints the two rates.
+precision.py's XLA:CPU gradients in alternation and prints the two rates;
+`--compare_remat=POLICY` does the same for --remat against POLICY.
 Needs no TensorFlow.
 """
 
@@ -61,16 +62,20 @@ def step_flops(cfg, tx, state, data, key):
     return timing.flops(step, state, data, key)
 
 
-def compare_cpu_gradients(cfg, tx, state, data, key, batch, rounds):
-  """Prints images/s of the step with and without the XLA:CPU gradients, timed in alternation."""
-  variants = {}
-  for on in (True, False):
+def compare(variants, tx, state, data, key, batch, rounds):
+  """Prints images/s of several variants of the step, timed in alternation.
+
+  `variants` maps names to (JetConfig, XLA:CPU gradients on); every config
+  must give the same params tree.
+  """
+  compiled = {}
+  for name, (cfg, on) in variants.items():
     step = jitted_step(cfg, tx, donate_argnums=0)  # a fresh jit: its trace must not be reused
     with cpu_gradients(on):
-      variants[on] = step.lower(state, data, key).compile()
-  medians = timing.compare_steps(variants, state, data, key, warmup=1, rounds=rounds)
-  print(json.dumps({f"images_per_s_median_cpu_gradients_{int(on)}": round(batch / t, 2)
-                    for on, t in medians.items()}))
+      compiled[name] = step.lower(state, data, key).compile()
+  medians = timing.compare_steps(compiled, state, data, key, warmup=1, rounds=rounds)
+  print(json.dumps({f"images_per_s_median_{name}": round(batch / t, 2)
+                    for name, t in medians.items()}))
 
 
 def main():
@@ -86,6 +91,8 @@ def main():
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--compare_cpu_gradients", type=int, default=0,
                       help="1: A/B of precision.py's XLA:CPU gradients, --steps per variant")
+  parser.add_argument("--compare_remat", default="",
+                      help="a policy to A/B against --remat, --steps per variant")
   parser.add_argument("--warmup", type=int, default=3)
   args = parser.parse_args()
   spec = dict(CONFIGS[args.config])
@@ -96,8 +103,12 @@ def main():
 
   tx = optim.make(lr=3e-4, total_steps=1000, mu_dtype=args.mu_dtype, weight_decay=1e-5)
   _, state, data = timing.setup(cfg, tx, size, batch, num_classes=0)
-  if args.compare_cpu_gradients:
-    return compare_cpu_gradients(cfg, tx, state, data, jax.random.key(0), batch, args.steps // 2)
+  if args.compare_cpu_gradients or args.compare_remat:
+    variants = ({"cpu_gradients_1": (cfg, True), "cpu_gradients_0": (cfg, False)}
+                if args.compare_cpu_gradients else
+                {f"remat_{p}": (dataclasses.replace(cfg, remat=p), True)
+                 for p in (args.remat, args.compare_remat)})
+    return compare(variants, tx, state, data, jax.random.key(0), batch, args.steps // 2)
   step = jitted_step(cfg, tx, donate_argnums=0)
   key = jax.random.key(0)
 
