@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+
 # A cotangent of another dtype than its primal: JAX 0.10 accepts this for
 # float dtypes (`_temporary_dtype_exception` in custom_derivatives.py);
 # tests/test_precision.py fails loudly if a later JAX stops accepting it.
@@ -61,7 +62,8 @@ def _mm(a, b, nt=False):
 
 
 def _transposed(a):  # [..., M, D] -> [..., D, M], exactly (one nonzero term per sum)
-  eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), (*a.shape[:-2], a.shape[-1], a.shape[-1]))
+  d = a.shape[-1]
+  eye = jnp.broadcast_to(jnp.eye(d, dtype=a.dtype), (*a.shape[:-2], d, d))
   return _mm(eye, a, nt=True).astype(a.dtype)
 
 
@@ -93,7 +95,7 @@ def _with_cpu_gradients_fwd(x, y, out, nt):
   return out, (x, y)
 
 
-def _with_cpu_gradients_bwd(nt, res, g):  # x [..., M, K], y [..., K, N] (nt: [..., N, K]), g [..., M, N]
+def _with_cpu_gradients_bwd(nt, res, g):  # x [.., M, K], y [.., K, N] (nt: [.., N, K])
   x, y = res
   g = g.astype(x.dtype)
   dx = _mm(g, y, nt=not nt)                # [..., M, K]

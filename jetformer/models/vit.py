@@ -89,7 +89,8 @@ class Attention(nnx.Module):
   def _proj(self, p, x):  # [B, T, D] -> [B, T, H, Dh], as a 2-D matmul (see Dense)
     k = p["kernel"][...]
     y = precision.dot(x.reshape(-1, k.shape[0]), k.reshape(k.shape[0], -1), self.dtype)
-    return checkpoint_name(y, "attention_proj").reshape(*x.shape[:-1], *k.shape[1:]) + p["bias"][...]
+    y = checkpoint_name(y, "attention_proj")
+    return y.reshape(*x.shape[:-1], *k.shape[1:]) + p["bias"][...]
 
   def __call__(self, x, context):  # [B, T, D], [B, S, D] -> [B, T, D]
     q = self._proj(self.query, x)        # [B, T, H, Dh]
