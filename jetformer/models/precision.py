@@ -22,7 +22,7 @@ cannot fold back into the product as it folds a transpose. Products batched over
 leading axes (attention) are treated alike; their operands must be row-major
 (XLA:CPU also upcasts a product whose operand is a transposed view), hence
 `y_transposed` for x @ y^T instead of a transposed y. Jet train steps run
-1.1-1.17x faster for the dense layers and 1.07-1.11x more for attention
+1.1-1.17x faster for the dense layers and 1.04-1.11x more for attention
 (bench/RESULTS.md).
 """
 
