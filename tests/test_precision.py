@@ -45,8 +45,8 @@ def operands(shape, batch, y_transposed):
   return (jax.random.normal(kx, (*batch, m, k)), y, jax.random.normal(kg, (*batch, m, n)), dot)
 
 
-def as_kn(y, operands):  # y as [..., K, N]
-  return t(y) if operands[1].shape[-2:] != (operands[0].shape[-1], operands[2].shape[-1]) else y
+def as_kn(y, y_transposed):  # y as [..., K, N]
+  return t(y) if y_transposed else y
 
 
 @pytest.fixture(params=["xla_cpu", "other"])
@@ -56,28 +56,28 @@ def backend(request, monkeypatch):
   return request.param
 
 
-def test_forward_is_the_bfloat16_product_accumulated_in_float32(operands):
+def test_forward_is_the_bfloat16_product_accumulated_in_float32(operands, y_transposed):
   x, y, _, dot = operands
   out = dot(x, y, jnp.bfloat16)
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, bf16(x) @ as_kn(bf16(y), operands), rtol=1e-5, atol=1e-5)
-  exact = np.asarray(x, np.float64) @ as_kn(np.asarray(y, np.float64), operands)
+  np.testing.assert_allclose(out, bf16(x) @ as_kn(bf16(y), y_transposed), rtol=1e-5, atol=1e-5)
+  exact = np.asarray(x, np.float64) @ as_kn(np.asarray(y, np.float64), y_transposed)
   assert np.abs(np.asarray(out) - exact).max() > 1e-3  # not the float32 product
 
 
-def test_gradients_are_bfloat16_products(operands, backend):
+def test_gradients_are_bfloat16_products(operands, backend, y_transposed):
   x, y, g, dot = operands
   dx, dy = jax.grad(lambda x, y: jnp.sum(dot(x, y, jnp.bfloat16) * g), (0, 1))(x, y)
   assert dx.dtype == dy.dtype == jnp.float32
   # Each gradient is the product of bfloat16 operands (accumulated in float32),
   # rounded once to bfloat16: within half a bfloat16 ulp of the exact product.
-  yk = as_kn(bf16(y), operands)
-  dy_kn = as_kn(np.asarray(dy), operands)
+  yk = as_kn(bf16(y), y_transposed)
+  dy_kn = as_kn(np.asarray(dy), y_transposed)
   for grad, ref in ((dx, bf16(g) @ t(yk)), (dy_kn, t(bf16(x)) @ bf16(g))):
     np.testing.assert_array_equal(grad, bf16(grad))
     np.testing.assert_allclose(grad, ref, rtol=2**-8, atol=1e-6)
   xd, gd = np.asarray(x, np.float64), np.asarray(g, np.float64)
-  yd = as_kn(np.asarray(y, np.float64), operands)
+  yd = as_kn(np.asarray(y, np.float64), y_transposed)
   for grad, exact in ((dx, gd @ t(yd)), (dy_kn, t(xd) @ gd)):
     np.testing.assert_allclose(grad, exact, rtol=3e-2, atol=0.1)
 
@@ -103,6 +103,6 @@ def test_remat_policies_see_the_forward_product(operands, backend, capsys):
   assert f"f32[{','.join(map(str, g.shape))}] output of dot_general" in capsys.readouterr().out
 
 
-def test_float32_is_the_plain_matmul(operands):
+def test_float32_is_the_plain_matmul(operands, y_transposed):
   x, y, _, dot = operands
-  np.testing.assert_array_equal(dot(x, y), jnp.matmul(x, as_kn(y, operands)))
+  np.testing.assert_array_equal(dot(x, y), jnp.matmul(x, as_kn(y, y_transposed)))
