@@ -140,15 +140,13 @@ class Attention(nnx.Module):
     g = n // kv
     # Query head n reads KV head n // G. Heads-major batched matmuls with the
     # G query heads of a group stacked along T: no repeated K/V in memory.
-    # Flattened to 3-D after each transpose, so that the operands are row-major
-    # (XLA:CPU runs bfloat16 products on transposed layouts in float32).
-    q = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, dh)
-    k, v = (a.transpose(0, 2, 1, 3).reshape(b * kv, -1, dh) for a in (k, v))  # [BK, S, Dh]
-    logits = precision.dot(q, k, self.dtype, y_transposed=True)     # [BK, G*T, S]
+    q = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)        # [B, K, S, Dh]
+    logits = precision.dot(q, k.swapaxes(-1, -2), self.dtype)       # [B, K, G*T, S]
     logits = logits.reshape(b, kv, g, t, -1)                        # [B, K, G, T, S]
     logits = jnp.where(mask[:, None, None], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
-    y = precision.dot(probs.reshape(b * kv, g * t, -1), v, self.dtype)  # [BK, G*T, Dh]
+    y = precision.dot(probs.reshape(b, kv, g * t, -1), v, self.dtype)  # [B, K, G*T, Dh]
     y = y.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4)         # [B, T, K, G, Dh]
     return matmul(y.reshape(b, t, n * dh), self.out[...], self.dtype)
 
