@@ -48,8 +48,3 @@ def restore(mgr, abstract_state, data_iter=None, step=None, partial=False):
   restored = mgr.restore(step, args=ocp.args.Composite(**items))
   return step, restored["state"]
 
-
-def abstract(state, shardings):
-  """ShapeDtypeStructs of `state` placed by `shardings` (same tree)."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -59,7 +59,7 @@ def restore(config, workdir, step=None, data=None):
   if ema:
     abstract["ema"] = abstract["params"]
   mgr = checkpoint.manager(workdir, save_every=1, keep=None, async_save=False, create=False)
-  step, state = checkpoint.restore(mgr, checkpoint.abstract(abstract, shardings), step=step,
+  step, state = checkpoint.restore(mgr, sharding.abstract(abstract, shardings), step=step,
                                    partial=True)
   if state is None:
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints.")

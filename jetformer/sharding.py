@@ -95,6 +95,12 @@ def on_mesh(fn, mesh):
   return call
 
 
+def abstract(tree, shardings):
+  """ShapeDtypeStructs of `tree` placed by `shardings` (same tree), e.g. a restore target."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def batch_sharding(mesh):
   """The batch axis over every mesh axis."""
   return NamedSharding(mesh, P(tuple(mesh.axis_names)))

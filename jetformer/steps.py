@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jetformer import checkpoint, objectives, sharding
+from jetformer import objectives, sharding
 from jetformer.models import jet as jet_lib
 from jetformer.models import jetformer as jetformer_lib
 
@@ -53,7 +53,7 @@ def state_shardings(tx, abstract_state, params, frozen, rules, mesh):
   """Weights by the rules (weight_shardings); the optimizer state as XLA propagates it."""
   out = weight_shardings(params, frozen, rules, mesh, ema="ema" in abstract_state)
   repl = sharding.replicated(mesh)
-  abstract_params = checkpoint.abstract(abstract_state["params"], out["params"])
+  abstract_params = sharding.abstract(abstract_state["params"], out["params"])
   opt_sh = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
   # Leaves that do not derive from a param (step counts) come back on one device.
   opt_sh = jax.tree.map(lambda s: repl if s.is_fully_replicated else s, opt_sh)

@@ -191,7 +191,7 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
   train_iter, eval_data = make_train_data(config, data), make_eval_data(config, data)
 
   mgr = checkpoint.manager(workdir, save_every=config.ckpt_every, keep=config.keep_ckpts)
-  step, state = checkpoint.restore(mgr, checkpoint.abstract(abstract_state, shardings), train_iter)
+  step, state = checkpoint.restore(mgr, sharding.abstract(abstract_state, shardings), train_iter)
   if state is None:
     state = jax.jit(init, out_shardings=shardings)()
   logging.info("%s: %d parameters, starting at step %d of %d.",

@@ -18,3 +18,15 @@ def test_no_tensorflow_in_library():
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "jetformer.models.jet" in MODULES
+
+
+def test_benchmarks_import_without_the_input_stack():
+  """A GPU image with only jax, flax, optax and einops runs the benchmarks (bench/gpu.sh)."""
+  code = ("import sys\n"
+          "import bench.jet, bench.jetformer, bench.sample\n"
+          "bad = sorted({m.split('.')[0] for m in sys.modules} & "
+          "{'tensorflow', 'tensorflow_datasets', 'clu', 'grain', 'ml_collections', 'orbax', "
+          "'input_pipeline'})\n"
+          "assert not bad, bad\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
