@@ -3,6 +3,7 @@
 import functools
 import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -26,9 +27,13 @@ def setup(cfg, tx, size, batch, num_classes):
   return mesh, state, data
 
 
-def matmul_peak(n=2048, dtype=jnp.float32, repeats=10):
-  """Measured FLOP/s of a large square matmul: the machine's practical peak."""
-  a = jnp.ones((n, n), dtype)
+def matmul_peak(dtype=jnp.float32, repeats=10):
+  """Measured FLOP/s of a large square matmul: the machine's practical peak.
+
+  2048 saturates a CPU; an accelerator needs 8192 to hide the launch.
+  """
+  n = 2048 if jax.default_backend() == "cpu" else 8192
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
   f = jax.jit(lambda x: x @ a)
   f(a).block_until_ready()
   best = float("inf")
@@ -40,8 +45,12 @@ def matmul_peak(n=2048, dtype=jnp.float32, repeats=10):
 
 
 def flops(jitted, *args):
-  """FLOPs of one call from XLA's cost analysis (scan bodies count once: unroll first)."""
-  cost = jitted.lower(*args).cost_analysis()
+  """FLOPs of one call from XLA's cost analysis (scan bodies count once: unroll first).
+
+  XLA:CPU analyses the lowered program; the GPU backend only a compiled one.
+  """
+  lowered = jitted.lower(*args)
+  cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
 
@@ -63,7 +72,9 @@ def time_steps(step, state, data, key, *, warmup, steps):
     jax.block_until_ready(metrics)
     if i >= warmup:
       times.append(time.perf_counter() - t)
-  return first, statistics.median(times), state, metrics
+  median = statistics.median(times)
+  print(f"median step {median:.4f} s, first step {first:.1f} s", file=sys.stderr)  # before FLOPs
+  return first, median, state, metrics
 
 
 def compare_steps(variants, state, data, key, *, warmup, rounds):
@@ -85,9 +96,20 @@ def compare_steps(variants, state, data, key, *, warmup, rounds):
   return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def device_peak_mib():
+  """Peak bytes in use on the first device (GPU/TPU), or None where it is not reported (CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else round(peak / 2**20, 1)
+
+
 def report(*, batch, first_step_s, step_s, flops_per_step, **extra):
-  """The benchmarks' JSON line fields (throughput, compile, memory, FLOPs, matmul fraction)."""
-  peak = matmul_peak()
+  """The benchmarks' JSON line fields (throughput, compile, memory, FLOPs, matmul fraction).
+
+  The fraction is of the measured float32 matmul rate; `matmul_fraction_bf16`
+  is of the bfloat16 rate, the one that bounds the bfloat16 studies.
+  """
+  peak, peak_bf16 = matmul_peak(), matmul_peak(jnp.bfloat16)
   return {
       **extra, "devices": jax.device_count(), "backend": jax.default_backend(), "batch": batch,
       "huge_pages": hugepages.active(),
@@ -95,7 +117,10 @@ def report(*, batch, first_step_s, step_s, flops_per_step, **extra):
       "images_per_s_median": round(batch / step_s, 2),
       "first_step_s": round(first_step_s, 2),
       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "device_peak_mib": device_peak_mib(),
       "flops_per_step": flops_per_step,
       "matmul_peak_flops": round(peak),
       "matmul_fraction": round(flops_per_step / step_s / peak, 4),
+      "matmul_peak_bf16_flops": round(peak_bf16),
+      "matmul_fraction_bf16": round(flops_per_step / step_s / peak_bf16, 4),
   }
