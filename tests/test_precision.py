@@ -1,5 +1,7 @@
 """precision.dot: bfloat16 operands in the forward and both backward products, float32 results."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,11 +89,23 @@ def test_every_product_of_the_gradient_takes_bfloat16_operands(operands, backend
   loss = lambda x, y: jnp.sum(jnp.tanh(dot(x, y, "bfloat16")) * g)
   jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, y)
   dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
-  # forward, input gradient, weight gradient (on XLA:CPU also the transposing product)
-  assert len(dots) == {"xla_cpu": 4, "other": 3}[backend]
+  assert len(dots) == 3  # forward, input gradient, weight gradient
   for e in dots:
     assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e
     assert e.params["preferred_element_type"] == jnp.float32
+
+
+def test_xla_cpu_keeps_every_product_of_the_gradient_in_bfloat16(operands, backend):
+  """After XLA's passes, not only in the jaxpr: XLA:CPU upcasts a product on a transposed view."""
+  x, y, g, dot = operands
+  loss = lambda x, y: jnp.sum(jnp.tanh(dot(x, y, "bfloat16")) * g)
+  hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, y).compile().as_text()
+  dtypes = dict(re.findall(r"%?([\w.\-]+) = (\w+)\[", hlo))  # instruction -> dtype
+  dtypes.update(re.findall(r"([\w.\-]+): (\w+)\[", hlo))     # fused parameter -> dtype
+  dots = re.findall(r"\bdot\(%?([\w.\-]+), %?([\w.\-]+)\)", hlo)
+  assert len(dots) == 3, hlo
+  upcast = [d for d in dots if [dtypes[o] for o in d] != ["bf16", "bf16"]]
+  assert (backend == "xla_cpu") <= (not upcast), (upcast, hlo)
 
 
 def test_remat_policies_see_the_forward_product(operands, backend, capsys):
