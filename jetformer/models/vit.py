@@ -20,6 +20,7 @@ xavier = jax.nn.initializers.xavier_uniform()
 # Names of the dense products' outputs, for remat policies that pick by name
 # (jet.REMAT_POLICIES): every 2-D product here carries one.
 MLP_HIDDEN = "mlp_hidden"  # the MLP's first layer, 4x wider than the rest
+ATTENTION_PROJ = "attention_proj"  # the query, key, value and output projections
 
 
 def param(init, key, shape, axes, dtype=jnp.float32):
@@ -89,7 +90,7 @@ class Attention(nnx.Module):
   def _proj(self, p, x):  # [B, T, D] -> [B, T, H, Dh], as a 2-D matmul (see Dense)
     k = p["kernel"][...]
     y = precision.dot(x.reshape(-1, k.shape[0]), k.reshape(k.shape[0], -1), self.dtype)
-    y = checkpoint_name(y, "attention_proj")
+    y = checkpoint_name(y, ATTENTION_PROJ)
     return y.reshape(*x.shape[:-1], *k.shape[1:]) + p["bias"][...]
 
   def __call__(self, x, context):  # [B, T, D], [B, S, D] -> [B, T, D]
@@ -109,7 +110,7 @@ class Attention(nnx.Module):
     y = y.transpose(0, 2, 1, 3)                                     # [B, T, H, Dh]
     w = self.out["kernel"][...]                                     # [H, Dh, D]
     w = w.reshape(-1, w.shape[2])
-    out = checkpoint_name(precision.dot(y.reshape(-1, w.shape[0]), w, self.dtype), "attention_proj")
+    out = checkpoint_name(precision.dot(y.reshape(-1, w.shape[0]), w, self.dtype), ATTENTION_PROJ)
     return out.reshape(*y.shape[:2], -1) + self.out["bias"][...]
 
 
