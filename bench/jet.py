@@ -54,12 +54,10 @@ def step_flops(cfg, tx, state, data, key):
   """FLOPs of one step from XLA's cost analysis of the *unrolled* model.
 
   The analysis counts a scan's body once, not once per coupling, so it is
-  taken on the same step with the couplings unrolled (same params tree), and
-  without the XLA:CPU gradients, whose transposing products are no model FLOPs.
+  taken on the same step with the couplings unrolled (same params tree).
   """
   step = jitted_step(dataclasses.replace(cfg, scan=False), tx)
-  with cpu_gradients(False):
-    return timing.flops(step, state, data, key)
+  return timing.flops(step, state, data, key)
 
 
 def compare(variants, tx, state, data, key, batch, rounds):

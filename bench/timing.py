@@ -51,13 +51,15 @@ def flops(jitted, *args):
   XLA:CPU analyses the lowered program; the GPU backend only a compiled one.
   """
   lowered = jitted.lower(*args)
-  cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  unwrap = lambda c: c[0] if isinstance(c, (list, tuple)) else c
+  cost = unwrap(lowered.cost_analysis()) or unwrap(lowered.compile().cost_analysis())
   return float(cost["flops"])
 
 
 def time_steps(step, state, data, key, *, warmup, steps):
   """(first-step seconds incl. compile, median step seconds, final state, metrics).
+
+  Also prints the two times to stderr, before the caller's slower FLOP count.
 
   `step(state, data, key) -> (state, metrics)` is jitted and donates the state.
   """
@@ -110,6 +112,9 @@ def report(*, batch, first_step_s, step_s, flops_per_step, **extra):
   The fraction is of the measured float32 matmul rate; `matmul_fraction_bf16`
   is of the bfloat16 rate, the one that bounds the bfloat16 studies.
   """
+  memory = {  # before the matmul peaks, whose buffers would count on a GPU
+      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+      "device_peak_mib": device_peak_mib()}
   peak, peak_bf16 = matmul_peak(), matmul_peak(jnp.bfloat16)
   return {
       **extra, "devices": jax.device_count(), "backend": jax.default_backend(), "batch": batch,
@@ -117,8 +122,7 @@ def report(*, batch, first_step_s, step_s, flops_per_step, **extra):
       "step_s_median": round(step_s, 4),
       "images_per_s_median": round(batch / step_s, 2),
       "first_step_s": round(first_step_s, 2),
-      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      "device_peak_mib": device_peak_mib(),
+      **memory,
       "flops_per_step": flops_per_step,
       "matmul_peak_flops": round(peak),
       "matmul_fraction": round(flops_per_step / step_s / peak, 4),

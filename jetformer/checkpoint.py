@@ -6,7 +6,6 @@ one mesh restores onto another.
 """
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -47,4 +46,3 @@ def restore(mgr, abstract_state, data_iter=None, step=None, partial=False):
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = mgr.restore(step, args=ocp.args.Composite(**items))
   return step, restored["state"]
-

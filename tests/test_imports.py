@@ -1,4 +1,4 @@
-"""The jetformer package and the benchmarks never import TensorFlow (or clu, which does)."""
+"""The jetformer package never imports TensorFlow (or clu, which does); the benchmarks need no input stack."""
 
 import pathlib
 import subprocess
@@ -21,7 +21,7 @@ def test_no_tensorflow_in_library():
 
 
 def test_benchmarks_import_without_the_input_stack():
-  """A GPU image with only jax, flax, optax and einops runs the benchmarks (bench/gpu.sh)."""
+  """No TensorFlow, clu, grain, ml-collections or orbax: GPU images lack them (bench/gpu.sh)."""
   code = ("import sys\n"
           "import bench.jet, bench.jetformer, bench.sample\n"
           "bad = sorted({m.split('.')[0] for m in sys.modules} & "

@@ -66,7 +66,7 @@ def _transposed(a):
   takes a view is upcast to float32 before XLA picks layouts. Flattened, the
   view must be copied into row-major order; the barrier keeps XLA from folding
   the reshapes, and then the transpose, back into the product. The copy is one
-  pass over memory, ~5x faster than the product with the identity used before.
+  pass over memory.
   """
   t = jnp.swapaxes(a, -1, -2)
   return lax.optimization_barrier(t.reshape(*t.shape[:-2], -1)).reshape(t.shape)
