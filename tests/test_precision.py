@@ -121,3 +121,23 @@ def test_remat_policies_see_the_forward_product(operands, backend, capsys):
 def test_float32_is_the_plain_matmul(operands, y_transposed):
   x, y, _, dot = operands
   np.testing.assert_array_equal(dot(x, y), jnp.matmul(x, as_kn(y, y_transposed)))
+
+
+def test_add_broadcast_is_the_add_with_its_gradients(backend):
+  kx, kp, kg = jax.random.split(jax.random.key(0), 3)
+  x, p, g = (jax.random.normal(k, s) for k, s in ((kx, (5, 7, 3)), (kp, (1, 7, 3)), (kg, (5, 7, 3))))
+  np.testing.assert_array_equal(precision.add_broadcast(x, p), x + p)
+  dx, dp = jax.grad(lambda x, p: jnp.sum(precision.add_broadcast(x, p) * g), (0, 1))(x, p)
+  np.testing.assert_array_equal(dx, g)
+  np.testing.assert_allclose(dp, g.sum(0, keepdims=True), rtol=1e-6, atol=1e-6)
+  _, tangent = jax.jvp(lambda p: precision.add_broadcast(x, p), (p,), (g[:1],))  # forward mode too
+  np.testing.assert_array_equal(tangent, jnp.broadcast_to(g[:1], x.shape))
+
+
+def test_xla_cpu_sums_the_broadcast_gradient_as_a_product(monkeypatch):
+  """Not as a reduction over the batch axis, which XLA:CPU runs slowly."""
+  monkeypatch.setattr(precision, "_xla_cpu", lambda: True)
+  x, p = jnp.ones((16, 8, 4)), jnp.ones((1, 8, 4))
+  loss = lambda x, p: jnp.sum(jnp.tanh(precision.add_broadcast(x, p)))
+  hlo = jax.jit(jax.grad(loss, 1)).lower(x, p).compile().as_text()
+  assert re.search(r"\bdot\(", hlo) and not re.search(r"\breduce\(", hlo), hlo

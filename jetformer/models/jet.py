@@ -16,6 +16,7 @@ from flax import nnx
 
 from jetformer import sharding
 from jetformer.models import permutations
+from jetformer.models import precision
 from jetformer.models import vit
 
 REMAT_POLICIES = {  # what the backward pass finds saved of each coupling's forward
@@ -89,7 +90,7 @@ class DNN(nnx.Module):
                                 kernel_init=jax.nn.initializers.zeros)
 
   def __call__(self, x1, context):  # [B, N, D/2] -> 2 x [B, N, D/2]
-    x = self.init_proj(x1) + self.posemb[...]
+    x = precision.add_broadcast(self.init_proj(x1), self.posemb[...])  # [B, N, E]
     if self.cross is not None:
       if context is None:
         raise ValueError("This Jet is class-conditional: pass context=jet.embed_labels(...).")
