@@ -127,6 +127,19 @@ def test_splits_are_permutations_with_stated_halves():
   assert np.all(permutations.spatial_halves("hstripes-inv", 4, 4)[0] // 4 % 2 == 1)
 
 
+def test_permute_differentiates_by_gathers():
+  """Same derivatives as the plain gather, both modes, without its scatter-add transpose."""
+  x, g = jax.random.normal(jax.random.key(0), (2, 3, 12))
+  perm = jax.random.permutation(jax.random.key(1), 12).astype(jnp.int32)
+  inv_perm = jnp.argsort(perm).astype(jnp.int32)
+  for f in (lambda x: jet_lib.permute(x, perm, inv_perm), lambda x: x[:, perm]):
+    np.testing.assert_array_equal(f(x), x[:, perm])
+    np.testing.assert_array_equal(jax.jvp(f, (x,), (g,))[1], g[:, perm])
+    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(f(x) * g))(x), g[:, inv_perm])
+  loss = lambda x: jnp.sum(jnp.tanh(jet_lib.permute(x, perm, inv_perm)))
+  assert "scatter" not in jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+
+
 def test_bad_patch_size_is_a_clear_error():
   with pytest.raises(ValueError, match="not divisible by the patch size"):
     jet_lib.JetConfig(image_shape=(10, 10, 3), ps=4)

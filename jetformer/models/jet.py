@@ -99,9 +99,25 @@ class DNN(nnx.Module):
     return bias, raw_scale
 
 
-def permute(x, perm):
-  """x[:, perm] for a permutation `perm` of x's second axis."""
+def _gather(x, perm):
   return x.at[:, perm].get(unique_indices=True, mode="promise_in_bounds")
+
+
+@jax.custom_jvp
+def permute(x, perm, inv_perm):
+  """x[:, perm] for a permutation `perm` of x's second axis; inv_perm = argsort(perm)."""
+  return _gather(x, perm)
+
+
+@permute.defjvp
+def _permute_jvp(primals, tangents):
+  # The tangent as a scatter by inv_perm (the same values): JAX transposes a
+  # scatter into a gather, but a gather into a scatter-add, which XLA:CPU runs
+  # 5x slower ([16, 12288]: 1.6 against 0.3 ms, forward and backward).
+  x, perm, inv_perm = primals
+  t = jnp.zeros_like(x).at[:, inv_perm].set(tangents[0], unique_indices=True,
+                                            mode="promise_in_bounds")
+  return permute(x, perm, inv_perm), t
 
 
 class Coupling(nnx.Module):
@@ -113,14 +129,14 @@ class Coupling(nnx.Module):
 
   def __call__(self, x, perm, inv_perm, context=None, inverse=False):
     b, n, d = x.shape
-    flat = permute(x.reshape(b, n * d), perm)           # [B, N*D]
+    flat = permute(x.reshape(b, n * d), perm, inv_perm)  # [B, N*D]
     x1, x2 = (h.reshape(b, n, d // 2) for h in jnp.split(flat, 2, axis=1))
     bias, raw_scale = self.dnn(x1, context)                        # [B, N, D/2] each
     scale = jax.nn.sigmoid(raw_scale) * self.scale_factor
     logdet = jnp.sum(jax.nn.log_sigmoid(raw_scale) + np.log(self.scale_factor), (1, 2))
     x2 = x2 / scale - bias if inverse else (x2 + bias) * scale
     flat = jnp.concatenate([x1.reshape(b, -1), x2.reshape(b, -1)], axis=1)
-    x = permute(flat, inv_perm).reshape(b, n, d)             # [B, N, D]
+    x = permute(flat, inv_perm, perm).reshape(b, n, d)       # [B, N, D]
     return x, (-logdet if inverse else logdet)
 
 
