@@ -134,10 +134,10 @@ def test_add_broadcast_is_the_add_with_its_gradients(backend):
   np.testing.assert_array_equal(tangent, jnp.broadcast_to(g[:1], x.shape))
 
 
-def test_xla_cpu_sums_the_broadcast_gradient_as_a_product(monkeypatch):
-  """Not as a reduction over the batch axis, which XLA:CPU runs slowly."""
+def test_xla_cpu_sums_the_broadcast_gradient_without_a_reduction(monkeypatch):
+  """A reduction over the batch axis is what XLA:CPU runs slowly."""
   monkeypatch.setattr(precision, "_xla_cpu", lambda: True)
   x, p = jnp.ones((16, 8, 4)), jnp.ones((1, 8, 4))
   loss = lambda x, p: jnp.sum(jnp.tanh(precision.add_broadcast(x, p)))
   hlo = jax.jit(jax.grad(loss, 1)).lower(x, p).compile().as_text()
-  assert re.search(r"\bdot\(", hlo) and not re.search(r"\breduce\(", hlo), hlo
+  assert not re.search(r"\breduce\(", hlo), hlo
