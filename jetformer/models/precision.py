@@ -22,6 +22,9 @@ operands must be row-major (XLA:CPU also upcasts a product whose operand is a
 transposed view), hence `y_transposed` for x @ y^T instead of a transposed y.
 Jet train steps run 1.1-1.17x faster for the dense layers, 1.04-1.11x more for
 attention, and 1.03-1.12x more for the cheaper transposed copy (bench/RESULTS.md).
+
+`add_broadcast` is the one non-product here: an add whose gradient XLA:CPU
+would otherwise reduce slowly.
 """
 
 import functools
