@@ -1,4 +1,5 @@
-"""precision.dot: bfloat16 operands in the forward and both backward products, float32 results."""
+"""precision.dot: bfloat16 operands in the forward and both backward products, float32 results;
+precision.add_broadcast: the add, with a gradient XLA:CPU sums without a reduction."""
 
 import re
 
@@ -53,7 +54,7 @@ def as_kn(y, y_transposed):  # y as [..., K, N]
 
 @pytest.fixture(params=["xla_cpu", "other"])
 def backend(request, monkeypatch):
-  """Both gradient paths of precision.dot: hand-written for XLA:CPU, and JAX's own."""
+  """Both paths of precision.py: hand-written for XLA:CPU, and JAX's own."""
   monkeypatch.setattr(precision, "_xla_cpu", lambda: request.param == "xla_cpu")
   return request.param
 
@@ -141,3 +142,14 @@ def test_xla_cpu_sums_the_broadcast_gradient_without_a_reduction(monkeypatch):
   loss = lambda x, p: jnp.sum(jnp.tanh(precision.add_broadcast(x, p)))
   hlo = jax.jit(jax.grad(loss, 1)).lower(x, p).compile().as_text()
   assert not re.search(r"\breduce\(", hlo), hlo
+
+
+def test_add_broadcast_under_a_mesh_gathers_nothing(monkeypatch):
+  """With the batch split over devices, the gradient is one all-reduce, not an all-gather."""
+  monkeypatch.setattr(precision, "_xla_cpu", lambda: True)
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+  x = jax.device_put(jnp.ones((16, 8, 4)), jax.NamedSharding(mesh, jax.P("data")))
+  loss = lambda x, p: jnp.sum(jnp.tanh(precision.add_broadcast(x, p)))
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(jax.grad(loss, 1)).lower(x, jnp.ones((1, 8, 4))).compile().as_text()
+  assert "all-gather" not in hlo and "all-reduce" in hlo, hlo

@@ -112,8 +112,9 @@ def permute(x, perm, inv_perm):
 @permute.defjvp
 def _permute_jvp(primals, tangents):
   # The tangent as a scatter by inv_perm (the same values): JAX transposes a
-  # scatter into a gather, but a gather into a scatter-add, which XLA:CPU runs
-  # 5x slower ([16, 12288]: 1.6 against 0.3 ms, forward and backward).
+  # scatter with unique indices into a gather, but a gather into a scatter-add,
+  # which XLA:CPU runs 5x slower ([16, 12288]: 1.6 against 0.3 ms, forward and
+  # backward).
   x, perm, inv_perm = primals
   t = jnp.zeros_like(x).at[:, inv_perm].set(tangents[0], unique_indices=True,
                                             mode="promise_in_bounds")

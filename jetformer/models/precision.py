@@ -1,4 +1,4 @@
-"""Matmuls with low-precision operands and float32 results, forward and backward.
+"""Matmuls with low-precision operands and float32 results, and gradients shaped for XLA:CPU.
 
 `dot(x, y, "bfloat16")` multiplies bfloat16 copies of its operands with
 float32 accumulation and a float32 result, and casts the incoming gradient to
@@ -121,15 +121,19 @@ def _xla_cpu():
 def add_broadcast(x, p):
   """x + p, for p [1, ...] broadcast over the leading (batch) axis of x [B, ...].
 
-  On XLA:CPU the broadcast is a concatenation of B copies of p. Its transpose
-  makes p's gradient a sum of B contiguous slices, one loop fusion, where a
-  broadcast's would be a reduction over the short batch axis into a wide
-  output, which YNNPACK runs slowly: the J-64 position embeddings' gradients
-  ([16, 256, 256] -> [256, 256]) took 85 ms of a 4.2 s step, the slices take
-  3 ms. (A product with ones was no better: XLA fused the cotangent's whole
-  backward into a transposed copy of it, 14% of a J-small step.)
+  p's gradient is a sum over the batch. As the transpose of a broadcast, that
+  is a reduction of a short axis into a wide output, which YNNPACK runs
+  slowly: J-64's position embeddings ([16, 256, 256] -> [256, 256]) took
+  85 ms of a profiled 4.2 s step. So on one XLA:CPU device the broadcast is a
+  concatenation of B copies, whose transpose sums B contiguous slices in one
+  loop fusion: 3 ms (J-small's [32, 64, 256]: 5 ms, against 2 for the
+  reduction). A product with ones was worse: XLA fused the cotangent's whole
+  backward into the product's transposed copy of it (14% of a J-small step).
+  Under a mesh of several devices, which split the batch, XLA would gather
+  the slices onto every device first: there it is the plain add.
   """
-  if not _xla_cpu():
+  assert p.shape[0] == 1 and p.ndim == x.ndim, (x.shape, p.shape)
+  if not _xla_cpu() or jax.sharding.get_abstract_mesh().size > 1:
     return x + p
   return x + jnp.concatenate([p] * x.shape[0])
 
