@@ -35,12 +35,12 @@ from jetformer.models import precision  # noqa: E402
 @contextlib.contextmanager
 def cpu_gradients(on):
   """Trace with (the default on a CPU) or without precision.py's XLA:CPU gradients."""
-  default = precision._xla_cpu
-  precision._xla_cpu = lambda: on and default()
+  default = precision.xla_cpu
+  precision.xla_cpu = lambda: on and default()
   try:
     yield
   finally:
-    precision._xla_cpu = default
+    precision.xla_cpu = default
 
 
 def jitted_step(cfg, tx, **jit_kwargs):

@@ -153,6 +153,24 @@ def test_flow_derivatives_match_plain_gathers(inverse, monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_head_groups_compute_the_same(dtype, monkeypatch):
+  """XLA:CPU's two groups of heads against one: values and gradients."""
+  from jetformer.models import precision, vit
+  monkeypatch.setattr(precision, "xla_cpu", lambda: True)
+  attn = vit.Attention(16, 4, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
+  x = jax.random.normal(jax.random.key(1), (2, 6, 16))
+  def run(groups):
+    monkeypatch.setattr(vit, "CPU_HEAD_GROUPS", groups)
+    f = lambda x: attn(x, x)  # a new function: make_jaxpr caches by function
+    products = str(jax.make_jaxpr(f)(x)).count("dot_general")  # 4 projections + 2 per group
+    return products, f(x), jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
+  (n2, *grouped), (n1, *whole) = run(2), run(1)
+  assert (n2, n1) == (8, 6)
+  for a, b in zip(grouped, whole):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_bad_patch_size_is_a_clear_error():
   with pytest.raises(ValueError, match="not divisible by the patch size"):
     jet_lib.JetConfig(image_shape=(10, 10, 3), ps=4)

@@ -55,7 +55,7 @@ def as_kn(y, y_transposed):  # y as [..., K, N]
 @pytest.fixture(params=["xla_cpu", "other"])
 def backend(request, monkeypatch):
   """Both paths of precision.py: hand-written for XLA:CPU, and JAX's own."""
-  monkeypatch.setattr(precision, "_xla_cpu", lambda: request.param == "xla_cpu")
+  monkeypatch.setattr(precision, "xla_cpu", lambda: request.param == "xla_cpu")
   return request.param
 
 
@@ -100,7 +100,7 @@ def test_every_product_of_the_gradient_takes_bfloat16_operands(operands, backend
 def test_xla_cpu_keeps_every_product_of_the_gradient_in_bfloat16(operands, monkeypatch):
   """After XLA's passes, not only in the jaxpr: XLA:CPU upcasts a product on a transposed view."""
   x, y, g, dot = operands
-  monkeypatch.setattr(precision, "_xla_cpu", lambda: True)
+  monkeypatch.setattr(precision, "xla_cpu", lambda: True)
   loss = lambda x, y: jnp.sum(jnp.tanh(dot(x, y, "bfloat16")) * g)
   hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, y).compile().as_text()
   dtypes = dict(re.findall(r"%?([\w.\-]+) = (\w+)\[", hlo))  # instruction -> dtype
@@ -137,7 +137,7 @@ def test_add_broadcast_is_the_add_with_its_gradients(backend):
 
 def test_xla_cpu_sums_the_broadcast_gradient_without_a_reduction(monkeypatch):
   """A reduction over the batch axis is what XLA:CPU runs slowly."""
-  monkeypatch.setattr(precision, "_xla_cpu", lambda: True)
+  monkeypatch.setattr(precision, "xla_cpu", lambda: True)
   x, p = jnp.ones((16, 8, 4)), jnp.ones((1, 8, 4))
   loss = lambda x, p: jnp.sum(jnp.tanh(precision.add_broadcast(x, p)))
   hlo = jax.jit(jax.grad(loss, 1)).lower(x, p).compile().as_text()
@@ -146,7 +146,7 @@ def test_xla_cpu_sums_the_broadcast_gradient_without_a_reduction(monkeypatch):
 
 def test_add_broadcast_under_a_mesh_gathers_nothing(monkeypatch):
   """With the batch split over devices, the gradient is one all-reduce, not an all-gather."""
-  monkeypatch.setattr(precision, "_xla_cpu", lambda: True)
+  monkeypatch.setattr(precision, "xla_cpu", lambda: True)
   mesh = jax.make_mesh((len(jax.devices()),), ("data",))
   x = jax.device_put(jnp.ones((16, 8, 4)), jax.NamedSharding(mesh, jax.P("data")))
   loss = lambda x, p: jnp.sum(jnp.tanh(precision.add_broadcast(x, p)))

@@ -114,7 +114,8 @@ def _with_cpu_gradients_bwd(nt, res, g):  # x [.., M, K], y [.., K, N] (nt: [..,
 _with_cpu_gradients.defvjp(_with_cpu_gradients_fwd, _with_cpu_gradients_bwd)
 
 
-def _xla_cpu():
+def xla_cpu():
+  """Whether the XLA:CPU forms here (and vit.Attention's head groups) apply: by the default backend."""
   return jax.default_backend() == "cpu"
 
 
@@ -133,7 +134,7 @@ def add_broadcast(x, p):
   the slices onto every device first: there it is the plain add.
   """
   assert p.shape[0] == 1 and p.ndim == x.ndim, (x.shape, p.shape)
-  if not _xla_cpu() or jax.sharding.get_abstract_mesh().size > 1:
+  if not xla_cpu() or jax.sharding.get_abstract_mesh().size > 1:
     return x + p
   return x + jnp.concatenate([p] * x.shape[0])
 
@@ -148,7 +149,7 @@ def dot(x, y, dtype=jnp.float32, *, y_transposed=False):
   if dtype == jnp.float32:
     return _mm(x, y, nt=y_transposed)
   x, y = x.astype(dtype), y.astype(dtype)
-  if _xla_cpu():
+  if xla_cpu():
     out = _mm(lax.stop_gradient(x), lax.stop_gradient(y), nt=y_transposed)
     return _with_cpu_gradients(x, y, out, y_transposed)
   return _cotangent_as(_mm(x, y, nt=y_transposed), dtype)

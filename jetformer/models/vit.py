@@ -7,6 +7,8 @@ Every parameter carries logical axis names in its `axes` metadata; the
 sharding rules of a study map them onto the mesh (`jetformer/sharding.py`).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ xavier = jax.nn.initializers.xavier_uniform()
 # (jet.REMAT_POLICIES): every 2-D product here carries one.
 MLP_HIDDEN = "mlp_hidden"  # the MLP's first layer, 4x wider than the rest
 ATTENTION_PROJ = "attention_proj"  # the query, key, value and output projections
+CPU_HEAD_GROUPS = 2  # attention's independent products on XLA:CPU: the cores measured
 
 
 def param(init, key, shape, axes, dtype=jnp.float32):
@@ -98,20 +101,28 @@ class Attention(nnx.Module):
     k = self._proj(self.key, context)    # [B, S, H, Dh]
     v = self._proj(self.value, context)  # [B, S, H, Dh]
     q = q / np.sqrt(q.shape[-1]).astype(q.dtype)
-    # Heads-major batched matmuls: XLA:CPU runs these ~5x faster than the
-    # equivalent einsums over [B, T, H, Dh] operands. Flattened to 3-D after the
-    # transpose, so that the operands are row-major: XLA:CPU runs bfloat16
-    # products on transposed layouts in float32.
-    b, t, h, hd = q.shape
-    q, k, v = (a.transpose(0, 2, 1, 3).reshape(b * h, -1, hd) for a in (q, k, v))  # [BH, T, Dh]
-    logits = precision.dot(q, k, self.dtype, y_transposed=True)     # [BH, T, S]
-    probs = jax.nn.softmax(logits, axis=-1)
-    y = precision.dot(probs, v, self.dtype).reshape(b, h, t, hd)    # [B, H, T, Dh]
+    # XLA:CPU runs each batched product on one core, and independent products
+    # at once: two groups of heads keep two cores busy (bench/RESULTS.md).
+    h = q.shape[2]
+    g = h // math.gcd(h, CPU_HEAD_GROUPS) if precision.xla_cpu() else h  # heads per group
+    y = jnp.concatenate([self._attend(*(a[:, :, i:i + g] for a in (q, k, v)))
+                         for i in range(0, h, g)], axis=1)          # [B, H, T, Dh]
     y = y.transpose(0, 2, 1, 3)                                     # [B, T, H, Dh]
     w = self.out["kernel"][...]                                     # [H, Dh, D]
     w = w.reshape(-1, w.shape[2])
     out = checkpoint_name(precision.dot(y.reshape(-1, w.shape[0]), w, self.dtype), ATTENTION_PROJ)
     return out.reshape(*y.shape[:2], -1) + self.out["bias"][...]
+
+  def _attend(self, q, k, v):  # [B, T, h, Dh], [B, S, h, Dh] x2 -> [B, h, T, Dh]
+    # Heads-major batched matmuls: XLA:CPU runs these ~5x faster than the
+    # equivalent einsums over [B, T, H, Dh] operands. Flattened to 3-D after the
+    # transpose, so that the operands are row-major: XLA:CPU runs bfloat16
+    # products on transposed layouts in float32.
+    b, t, h, hd = q.shape
+    q, k, v = (a.transpose(0, 2, 1, 3).reshape(b * h, -1, hd) for a in (q, k, v))  # [Bh, T, Dh]
+    logits = precision.dot(q, k, self.dtype, y_transposed=True)     # [Bh, T, S]
+    probs = jax.nn.softmax(logits, axis=-1)
+    return precision.dot(probs, v, self.dtype).reshape(b, h, t, hd)
 
 
 class MlpBlock(nnx.Module):
