@@ -3,8 +3,10 @@
 Times the full update (dequantize, flow, bits/dim, backward, clip, Adam) on
 random images, on whatever devices JAX sees. Prints one JSON line at the end.
 `--compare_cpu_gradients=1` instead times the step with and without
-precision.py's XLA:CPU gradients in alternation and prints the two rates;
-`--compare_remat=POLICY` does the same for --remat against POLICY.
+precision.py's XLA:CPU forms (the products' gradients, the broadcast add, and
+with them vit.py's groups of heads) in alternation and prints the two rates;
+`--compare_head_groups=N` does the same for vit.CPU_HEAD_GROUPS against N, and
+`--compare_remat=POLICY` for --remat against POLICY.
 Needs no TensorFlow.
 """
 
@@ -30,17 +32,28 @@ from jetformer import objectives, optim, steps  # noqa: E402
 from bench.jet_configs import CONFIGS  # noqa: E402
 from jetformer.models import jet as jet_lib  # noqa: E402
 from jetformer.models import precision  # noqa: E402
+from jetformer.models import vit  # noqa: E402
 
 
 @contextlib.contextmanager
 def cpu_gradients(on):
-  """Trace with (the default on a CPU) or without precision.py's XLA:CPU gradients."""
+  """Trace with (the default on a CPU) or without the XLA:CPU forms of precision.xla_cpu."""
   default = precision.xla_cpu
   precision.xla_cpu = lambda: on and default()
   try:
     yield
   finally:
     precision.xla_cpu = default
+
+
+@contextlib.contextmanager
+def head_groups(n):
+  """Trace attention with n groups of heads on XLA:CPU."""
+  default, vit.CPU_HEAD_GROUPS = vit.CPU_HEAD_GROUPS, n
+  try:
+    yield
+  finally:
+    vit.CPU_HEAD_GROUPS = default
 
 
 def jitted_step(cfg, tx, **jit_kwargs):
@@ -63,13 +76,13 @@ def step_flops(cfg, tx, state, data, key):
 def compare(variants, tx, state, data, key, batch, rounds):
   """Prints images/s of several variants of the step, timed in alternation.
 
-  `variants` maps names to (JetConfig, XLA:CPU gradients on); every config
+  `variants` maps names to (JetConfig, a context to trace in); every config
   must give the same params tree.
   """
   compiled = {}
-  for name, (cfg, on) in variants.items():
+  for name, (cfg, context) in variants.items():
     step = jitted_step(cfg, tx, donate_argnums=0)  # a fresh jit: its trace must not be reused
-    with cpu_gradients(on):
+    with context:
       compiled[name] = step.lower(state, data, key).compile()
   medians = timing.compare_steps(compiled, state, data, key, warmup=1, rounds=rounds)
   print(json.dumps({f"images_per_s_median_{name}": round(batch / t, 2)
@@ -88,7 +101,9 @@ def main():
   parser.add_argument("--mu_dtype", default="", help="Adam first-moment dtype (paper: bfloat16)")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--compare_cpu_gradients", type=int, default=0,
-                      help="1: A/B of precision.py's XLA:CPU gradients, --steps per variant")
+                      help="1: A/B of precision.xla_cpu's forms, --steps per variant")
+  parser.add_argument("--compare_head_groups", type=int, default=0,
+                      help="N: A/B of vit.CPU_HEAD_GROUPS against N groups, --steps per variant")
   parser.add_argument("--compare_remat", default="",
                       help="a policy to A/B against --remat, --steps per variant")
   parser.add_argument("--warmup", type=int, default=3)
@@ -101,11 +116,16 @@ def main():
 
   tx = optim.make(lr=3e-4, total_steps=1000, mu_dtype=args.mu_dtype, weight_decay=1e-5)
   _, state, data = timing.setup(cfg, tx, size, batch, num_classes=0)
-  if args.compare_cpu_gradients or args.compare_remat:
-    variants = ({"cpu_gradients_1": (cfg, True), "cpu_gradients_0": (cfg, False)}
-                if args.compare_cpu_gradients else
-                {f"remat_{p}": (dataclasses.replace(cfg, remat=p), True)
-                 for p in (args.remat, args.compare_remat)})
+  variants = None
+  if args.compare_cpu_gradients:
+    variants = {f"cpu_gradients_{on}": (cfg, cpu_gradients(on)) for on in (1, 0)}
+  elif args.compare_head_groups:
+    variants = {f"head_groups_{n}": (cfg, head_groups(n))
+                for n in (vit.CPU_HEAD_GROUPS, args.compare_head_groups)}
+  elif args.compare_remat:
+    variants = {f"remat_{p}": (dataclasses.replace(cfg, remat=p), contextlib.nullcontext())
+                for p in (args.remat, args.compare_remat)}
+  if variants:
     return compare(variants, tx, state, data, jax.random.key(0), batch, args.steps // 2)
   step = jitted_step(cfg, tx, donate_argnums=0)
   key = jax.random.key(0)

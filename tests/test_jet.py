@@ -154,19 +154,21 @@ def test_flow_derivatives_match_plain_gathers(inverse, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_attention_head_groups_compute_the_same(dtype, monkeypatch):
-  """XLA:CPU's two groups of heads against one: values and gradients."""
+@pytest.mark.parametrize("heads,context_len,products", [(4, 6, (8, 6)), (4, 1, (8, 6)),
+                                                         (3, 6, (6, 6))])
+def test_attention_head_groups_compute_the_same(dtype, heads, context_len, products, monkeypatch):
+  """XLA:CPU's two groups of heads (one where H is odd) against one: values and gradients."""
   from jetformer.models import precision, vit
   monkeypatch.setattr(precision, "xla_cpu", lambda: True)
-  attn = vit.Attention(16, 4, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
-  x = jax.random.normal(jax.random.key(1), (2, 6, 16))
+  attn = vit.Attention(12, heads, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
+  x, c = (jax.random.normal(jax.random.key(i), (2, n, 12)) for i, n in ((1, 6), (2, context_len)))
   def run(groups):
     monkeypatch.setattr(vit, "CPU_HEAD_GROUPS", groups)
-    f = lambda x: attn(x, x)  # a new function: make_jaxpr caches by function
-    products = str(jax.make_jaxpr(f)(x)).count("dot_general")  # 4 projections + 2 per group
-    return products, f(x), jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
+    f = lambda x, c: attn(x, c)  # a new function: make_jaxpr caches by function
+    count = str(jax.make_jaxpr(f)(x, c)).count("dot_general")  # 4 projections + 2 per group
+    return count, f(x, c), *jax.grad(lambda x, c: jnp.sum(jnp.sin(f(x, c))), (0, 1))(x, c)
   (n2, *grouped), (n1, *whole) = run(2), run(1)
-  assert (n2, n1) == (8, 6)
+  assert (n2, n1) == products
   for a, b in zip(grouped, whole):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 

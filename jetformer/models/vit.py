@@ -23,7 +23,7 @@ xavier = jax.nn.initializers.xavier_uniform()
 # (jet.REMAT_POLICIES): every 2-D product here carries one.
 MLP_HIDDEN = "mlp_hidden"  # the MLP's first layer, 4x wider than the rest
 ATTENTION_PROJ = "attention_proj"  # the query, key, value and output projections
-CPU_HEAD_GROUPS = 2  # attention's independent products on XLA:CPU: the cores measured
+CPU_HEAD_GROUPS = 2  # attention's groups of heads on XLA:CPU: the 2 cores measured (4: no faster)
 
 
 def param(init, key, shape, axes, dtype=jnp.float32):
@@ -102,9 +102,12 @@ class Attention(nnx.Module):
     v = self._proj(self.value, context)  # [B, S, H, Dh]
     q = q / np.sqrt(q.shape[-1]).astype(q.dtype)
     # XLA:CPU runs each batched product on one core, and independent products
-    # at once: two groups of heads keep two cores busy (bench/RESULTS.md).
+    # at once: groups of heads keep the cores busy (bench/RESULTS.md). Fewer
+    # groups where H does not divide (odd H: one). The slices stay local as
+    # long as no study shards the heads axis (none does).
     h = q.shape[2]
-    g = h // math.gcd(h, CPU_HEAD_GROUPS) if precision.xla_cpu() else h  # heads per group
+    groups = math.gcd(h, CPU_HEAD_GROUPS) if precision.xla_cpu() else 1
+    g = h // groups                                                 # heads per group
     y = jnp.concatenate([self._attend(*(a[:, :, i:i + g] for a in (q, k, v)))
                          for i in range(0, h, g)], axis=1)          # [B, H, T, Dh]
     y = y.transpose(0, 2, 1, 3)                                     # [B, T, H, Dh]
@@ -113,16 +116,17 @@ class Attention(nnx.Module):
     out = checkpoint_name(precision.dot(y.reshape(-1, w.shape[0]), w, self.dtype), ATTENTION_PROJ)
     return out.reshape(*y.shape[:2], -1) + self.out["bias"][...]
 
-  def _attend(self, q, k, v):  # [B, T, h, Dh], [B, S, h, Dh] x2 -> [B, h, T, Dh]
+  def _attend(self, q, k, v):  # [B, T, G, Dh], [B, S, G, Dh] x2 -> [B, G, T, Dh]
     # Heads-major batched matmuls: XLA:CPU runs these ~5x faster than the
     # equivalent einsums over [B, T, H, Dh] operands. Flattened to 3-D after the
     # transpose, so that the operands are row-major: XLA:CPU runs bfloat16
     # products on transposed layouts in float32.
-    b, t, h, hd = q.shape
-    q, k, v = (a.transpose(0, 2, 1, 3).reshape(b * h, -1, hd) for a in (q, k, v))  # [Bh, T, Dh]
-    logits = precision.dot(q, k, self.dtype, y_transposed=True)     # [Bh, T, S]
+    b, t, g, hd = q.shape
+    q, k, v = (a.transpose(0, 2, 1, 3).reshape(b * g, -1, hd)
+               for a in (q, k, v))                                  # q [BG, T, Dh], k/v [BG, S, Dh]
+    logits = precision.dot(q, k, self.dtype, y_transposed=True)     # [BG, T, S]
     probs = jax.nn.softmax(logits, axis=-1)
-    return precision.dot(probs, v, self.dtype).reshape(b, h, t, hd)
+    return precision.dot(probs, v, self.dtype).reshape(b, g, t, hd)
 
 
 class MlpBlock(nnx.Module):
