@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import sys
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,25 +36,15 @@ from jetformer.models import precision  # noqa: E402
 from jetformer.models import vit  # noqa: E402
 
 
-@contextlib.contextmanager
 def cpu_gradients(on):
   """Trace with (the default on a CPU) or without the XLA:CPU forms of precision.xla_cpu."""
   default = precision.xla_cpu
-  precision.xla_cpu = lambda: on and default()
-  try:
-    yield
-  finally:
-    precision.xla_cpu = default
+  return mock.patch.object(precision, "xla_cpu", lambda: on and default())
 
 
-@contextlib.contextmanager
 def head_groups(n):
   """Trace attention with n groups of heads on XLA:CPU."""
-  default, vit.CPU_HEAD_GROUPS = vit.CPU_HEAD_GROUPS, n
-  try:
-    yield
-  finally:
-    vit.CPU_HEAD_GROUPS = default
+  return mock.patch.object(vit, "CPU_HEAD_GROUPS", n)
 
 
 def jitted_step(cfg, tx, **jit_kwargs):
