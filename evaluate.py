@@ -13,20 +13,15 @@ same to TensorBoard in DIR, and prints the numbers.
 import json
 import sys
 
-from jetformer import hugepages
+import jax
+from absl import app, flags
+from clu import metric_writers
+from etils import epath
+from ml_collections import config_flags
 
-if __name__ == "__main__":
-  hugepages.enable()  # once, before the heavy imports (see the module)
-
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from clu import metric_writers  # noqa: E402
-from etils import epath  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-import input_pipeline  # noqa: E402
-from configs import common  # noqa: E402
-from jetformer import evaluation  # noqa: E402
+import input_pipeline
+from configs import common
+from jetformer import evaluation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")

@@ -8,19 +8,14 @@ with --distributed.
 import logging as std_logging
 import sys
 
-from jetformer import hugepages
+import jax
+from absl import app, flags, logging
+from clu import metric_writers, periodic_actions
+from ml_collections import config_flags
 
-if __name__ == "__main__":
-  hugepages.enable()  # once, before the heavy imports (see the module)
-
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from clu import metric_writers, periodic_actions  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-import input_pipeline  # noqa: E402
-from configs import common  # noqa: E402
-from jetformer import evaluation, train  # noqa: E402
+import input_pipeline
+from configs import common
+from jetformer import evaluation, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")

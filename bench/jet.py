@@ -2,29 +2,18 @@
 
 Times the full update (dequantize, flow, bits/dim, backward, clip, Adam) on
 random images, on whatever devices JAX sees. Prints one JSON line at the end.
-`--compare_cpu_gradients=1` instead times the step with and without
-precision.py's XLA:CPU forms (the products' gradients, the broadcast add, and
-with them vit.py's groups of heads) in alternation and prints the two rates;
-`--compare_head_groups=N` does the same for vit.CPU_HEAD_GROUPS against N, and
-`--compare_remat=POLICY` for --remat against POLICY.
-Needs no TensorFlow.
+`--compare_remat=POLICY` instead times --remat and POLICY in alternation and
+prints the two rates. Needs no TensorFlow.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
 import os
 import sys
-from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jetformer import hugepages  # noqa: E402
-
-if __name__ == "__main__":
-  hugepages.enable()  # once, before the heavy imports (see the module)
 
 import jax  # noqa: E402
 
@@ -32,19 +21,6 @@ from bench import timing  # noqa: E402
 from jetformer import objectives, optim, steps  # noqa: E402
 from bench.jet_configs import CONFIGS  # noqa: E402
 from jetformer.models import jet as jet_lib  # noqa: E402
-from jetformer.models import precision  # noqa: E402
-from jetformer.models import vit  # noqa: E402
-
-
-def cpu_gradients(on):
-  """Trace with (the default on a CPU) or without the XLA:CPU forms of precision.xla_cpu."""
-  default = precision.xla_cpu
-  return mock.patch.object(precision, "xla_cpu", lambda: on and default())
-
-
-def head_groups(n):
-  """Trace attention with n groups of heads on XLA:CPU."""
-  return mock.patch.object(vit, "CPU_HEAD_GROUPS", n)
 
 
 def jitted_step(cfg, tx, **jit_kwargs):
@@ -67,14 +43,10 @@ def step_flops(cfg, tx, state, data, key):
 def compare(variants, tx, state, data, key, batch, rounds):
   """Prints images/s of several variants of the step, timed in alternation.
 
-  `variants` maps names to (JetConfig, a context to trace in); every config
-  must give the same params tree.
+  `variants` maps names to JetConfigs that give the same params tree.
   """
-  compiled = {}
-  for name, (cfg, context) in variants.items():
-    step = jitted_step(cfg, tx, donate_argnums=0)  # a fresh jit: its trace must not be reused
-    with context:
-      compiled[name] = step.lower(state, data, key).compile()
+  compiled = {name: jitted_step(cfg, tx, donate_argnums=0).lower(state, data, key).compile()
+              for name, cfg in variants.items()}
   medians = timing.compare_steps(compiled, state, data, key, warmup=1, rounds=rounds)
   print(json.dumps({f"images_per_s_median_{name}": round(batch / t, 2)
                     for name, t in medians.items()}))
@@ -91,10 +63,6 @@ def main():
                       help="matmul operands of the conditioning networks (the studies' default)")
   parser.add_argument("--mu_dtype", default="", help="Adam first-moment dtype (paper: bfloat16)")
   parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--compare_cpu_gradients", type=int, default=0,
-                      help="1: A/B of precision.xla_cpu's forms, --steps per variant")
-  parser.add_argument("--compare_head_groups", type=int, default=0,
-                      help="N: A/B of vit.CPU_HEAD_GROUPS against N groups, --steps per variant")
   parser.add_argument("--compare_remat", default="",
                       help="a policy to A/B against --remat, --steps per variant")
   parser.add_argument("--warmup", type=int, default=3)
@@ -107,16 +75,9 @@ def main():
 
   tx = optim.make(lr=3e-4, total_steps=1000, mu_dtype=args.mu_dtype, weight_decay=1e-5)
   _, state, data = timing.setup(cfg, tx, size, batch, num_classes=0)
-  variants = None
-  if args.compare_cpu_gradients:
-    variants = {f"cpu_gradients_{on}": (cfg, cpu_gradients(on)) for on in (1, 0)}
-  elif args.compare_head_groups:
-    variants = {f"head_groups_{n}": (cfg, head_groups(n))
-                for n in (vit.CPU_HEAD_GROUPS, args.compare_head_groups)}
-  elif args.compare_remat:
-    variants = {f"remat_{p}": (dataclasses.replace(cfg, remat=p), contextlib.nullcontext())
+  if args.compare_remat:
+    variants = {f"remat_{p}": dataclasses.replace(cfg, remat=p)
                 for p in (args.remat, args.compare_remat)}
-  if variants:
     return compare(variants, tx, state, data, jax.random.key(0), batch, args.steps // 2)
   step = jitted_step(cfg, tx, donate_argnums=0)
   key = jax.random.key(0)

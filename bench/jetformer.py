@@ -14,11 +14,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jetformer import hugepages  # noqa: E402
-
-if __name__ == "__main__":
-  hugepages.enable()  # once, before the heavy imports (see the module)
-
 import jax  # noqa: E402
 
 from bench import timing  # noqa: E402

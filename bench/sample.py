@@ -18,11 +18,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jetformer import hugepages  # noqa: E402
-
-if __name__ == "__main__":
-  hugepages.enable()  # once, before the heavy imports (see the module)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jetformer import hugepages, sharding, steps
+from jetformer import sharding, steps
 
 
 def setup(cfg, tx, size, batch, num_classes):
@@ -118,7 +118,6 @@ def report(*, batch, first_step_s, step_s, flops_per_step, **extra):
   peak, peak_bf16 = matmul_peak(), matmul_peak(jnp.bfloat16)
   return {
       **extra, "devices": jax.device_count(), "backend": jax.default_backend(), "batch": batch,
-      "huge_pages": hugepages.active(),
       "step_s_median": round(step_s, 4),
       "images_per_s_median": round(batch / step_s, 2),
       "first_step_s": round(first_step_s, 2),

@@ -24,10 +24,6 @@ from jetformer.models import vit
 # The decoder names none of its products, so the policies that pick by name do not apply.
 REMAT_POLICIES = {k: jet.REMAT_POLICIES[k] for k in ("none", "full", "dots")}
 
-# Masked logits: finite so that a fully masked row (a padding query) gives a
-# uniform softmax instead of NaNs.
-NEG_INF = float(jnp.finfo(jnp.float32).min)
-
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
@@ -42,6 +38,7 @@ class DecoderConfig:
   scan: bool = True
   dtype: str = "float32"         # matmul operands (precision.py) and KV cache; params float32
   rope_max_wavelength: float = 10_000.0
+  attention_impl: str | None = None  # jax.nn.dot_product_attention's: None (XLA), "cudnn"
 
   def __post_init__(self):
     if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
@@ -54,21 +51,13 @@ class DecoderConfig:
       raise ValueError(f"remat={self.remat!r}: use one of {list(REMAT_POLICIES)}.")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout={self.dropout} must be in [0, 1).")
+    jet.check_attention_impl(self.attention_impl)
 
 
 def lecun(in_axis, out_axis, batch_axis=()):
   return jax.nn.initializers.variance_scaling(
       1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis,
       batch_axis=batch_axis)
-
-
-def matmul(x, w, dtype):
-  """[..., I] @ w (reshaped to [I, O]) as a 2-D matmul on flattened rows (see vit.Dense).
-
-  Operands in `dtype`, float32 result (precision.py).
-  """
-  w = w.reshape(x.shape[-1], -1)
-  return precision.dot(x.reshape(-1, w.shape[0]), w, dtype).reshape(*x.shape[:-1], -1)
 
 
 def apply_rope(x, positions, max_wavelength):
@@ -122,33 +111,26 @@ class Attention(nnx.Module):
                          ("heads", "head_dim", "embed"))
     self.dtype = jnp.dtype(cfg.dtype)
     self.max_wavelength = cfg.rope_max_wavelength
+    self.implementation = cfg.attention_impl
 
   def project(self, x, positions):
-    """x [B, T, D] -> q [B, T, N, Dh] (RoPE'd, scaled), k, v [B, T, K, Dh] (k RoPE'd)."""
-    b, t, _ = x.shape
-    q = matmul(x, self.query[...], self.dtype).reshape(b, t, *self.query.shape[1:])
-    k = matmul(x, self.key[...], self.dtype).reshape(b, t, *self.key.shape[1:])
-    v = matmul(x, self.value[...], self.dtype).reshape(b, t, *self.value.shape[1:])
+    """x [B, T, D] -> q [B, T, N, Dh], k, v [B, T, K, Dh] in `dtype`, q and k RoPE'd."""
+    q = precision.matmul(x, self.query[...], self.dtype)
+    k = precision.matmul(x, self.key[...], self.dtype)
+    v = precision.matmul(x, self.value[...], self.dtype)
     q = apply_rope(q, positions, self.max_wavelength)
     k = apply_rope(k, positions, self.max_wavelength)
-    return q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, v
+    return q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
 
   def attend(self, q, k, v, mask):
-    """q [B, T, N, Dh], k, v [B, S, K, Dh], mask [B, T, S] -> [B, T, D]."""
-    b, t, n, dh = q.shape
-    kv = k.shape[2]
-    g = n // kv
-    # Query head n reads KV head n // G. Heads-major batched matmuls with the
-    # G query heads of a group stacked along T: no repeated K/V in memory.
-    q = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)        # [B, K, S, Dh]
-    logits = precision.dot(q, k.swapaxes(-1, -2), self.dtype)       # [B, K, G*T, S]
-    logits = logits.reshape(b, kv, g, t, -1)                        # [B, K, G, T, S]
-    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1)
-    y = precision.dot(probs.reshape(b, kv, g * t, -1), v, self.dtype)  # [B, K, G*T, Dh]
-    y = y.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4)         # [B, T, K, G, Dh]
-    return matmul(y.reshape(b, t, n * dh), self.out[...], self.dtype)
+    """q [B, T, N, Dh], k, v [B, S, K, Dh], mask [B, T, S] -> [B, T, D].
+
+    Query head n reads KV head n // (N/K); logits scaled by 1/sqrt(Dh). A fully
+    masked row (a padding query) gets a uniform softmax, not NaNs.
+    """
+    y = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                     mask=mask[:, None], implementation=self.implementation)
+    return precision.matmul(y, self.out[...], self.dtype, contract=2)  # [B, T, D]
 
   def __call__(self, x, positions, mask):
     return self.attend(*self.project(x, positions), mask)
@@ -166,9 +148,9 @@ class MlpBlock(nnx.Module):
 
   def __call__(self, x):  # [B, T, D] -> [B, T, D]
     w = self.gating[...]
-    gate = jax.nn.gelu(matmul(x, w[0], self.dtype), approximate=True)  # [B, T, F]
-    up = matmul(x, w[1], self.dtype)                                   # [B, T, F]
-    return matmul(gate * up, self.linear[...], self.dtype)
+    gate = jax.nn.gelu(precision.matmul(x, w[0], self.dtype), approximate=True)  # [B, T, F]
+    up = precision.matmul(x, w[1], self.dtype)                                   # [B, T, F]
+    return precision.matmul(gate * up, self.linear[...], self.dtype)
 
 
 class Block(nnx.Module):

@@ -16,17 +16,23 @@ from flax import nnx
 
 from jetformer import sharding
 from jetformer.models import permutations
-from jetformer.models import precision
 from jetformer.models import vit
 
 REMAT_POLICIES = {  # what the backward pass finds saved of each coupling's forward
     "none": None,                                                      # everything
     "full": jax.checkpoint_policies.nothing_saveable,                  # nothing
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the dense products
-    # The dense products but the MLP's 4x wider hidden layer, recomputed
-    # instead: fastest on CPUs, where memory is slow (bench/RESULTS.md).
+    # Every named product but the MLP's 4x wider hidden layer, which is recomputed.
     "dots_except_mlp_hidden": jax.checkpoint_policies.save_any_names_but_these(vit.MLP_HIDDEN),
 }
+
+
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+def check_attention_impl(impl):
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r}: use None (XLA) or 'cudnn' (NVIDIA GPUs).")
 
 
 class Frozen(nnx.Variable):
@@ -46,9 +52,10 @@ class JetConfig:
   channel_projs: Sequence[str] = ("random",)
   spatial_projs: Sequence[str] = ("checkerboard", "checkerboard-inv")
   num_classes: int = 0                    # > 0: class-conditional via cross-attention
-  remat: str = "dots_except_mlp_hidden"   # a key of REMAT_POLICIES (fastest measured, bench/)
+  remat: str = "dots"                     # a key of REMAT_POLICIES
   scan: bool = True
   dtype: str = "float32"                  # matmul operands of the ViT (precision.py; bf16: no jvp)
+  attention_impl: str | None = None       # jax.nn.dot_product_attention's: None (XLA), "cudnn"
 
   def __post_init__(self):
     h, w, _ = self.image_shape
@@ -57,6 +64,7 @@ class JetConfig:
                        f"ps={self.ps}: change the image size or the patch size.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}: use one of {list(REMAT_POLICIES)}.")
+    check_attention_impl(self.attention_impl)
 
   @property
   def grid(self):  # (H/ps, W/ps, ps*ps*C)
@@ -82,15 +90,17 @@ class DNN(nnx.Module):
     self.posemb = vit.param(jax.nn.initializers.normal(1 / np.sqrt(e)), rngs.params(),
                             (1, nh * nw, e), (None, "tokens", "embed"))
     zeros = jax.nn.initializers.zeros
-    self.cross = (vit.Attention(e, cfg.num_heads, rngs=rngs, out_init=zeros, dtype=dt)
+    self.cross = (vit.Attention(e, cfg.num_heads, rngs=rngs, out_init=zeros, dtype=dt,
+                                implementation=cfg.attention_impl)
                   if cfg.num_classes else None)
-    self.vit = vit.Encoder(e, cfg.block_depth, cfg.num_heads, rngs=rngs, dtype=dt)
+    self.vit = vit.Encoder(e, cfg.block_depth, cfg.num_heads, rngs=rngs, dtype=dt,
+                           attention_impl=cfg.attention_impl)
     # Scales and shifts: kept float32 (a small product that sets the logdet).
     self.final_proj = vit.Dense(e, d, axes=("embed", "patch"), rngs=rngs,
                                 kernel_init=jax.nn.initializers.zeros)
 
   def __call__(self, x1, context):  # [B, N, D/2] -> 2 x [B, N, D/2]
-    x = precision.add_broadcast(self.init_proj(x1), self.posemb[...])  # [B, N, E]
+    x = self.init_proj(x1) + self.posemb[...]                           # [B, N, E]
     if self.cross is not None:
       if context is None:
         raise ValueError("This Jet is class-conditional: pass context=jet.embed_labels(...).")
@@ -99,26 +109,9 @@ class DNN(nnx.Module):
     return bias, raw_scale
 
 
-def _gather(x, perm):
+def permute(x, perm):
+  """x[:, perm] for a permutation `perm` of x's second axis."""
   return x.at[:, perm].get(unique_indices=True, mode="promise_in_bounds")
-
-
-@jax.custom_jvp
-def permute(x, perm, inv_perm):
-  """x[:, perm] for a permutation `perm` of x's second axis; inv_perm = argsort(perm)."""
-  return _gather(x, perm)
-
-
-@permute.defjvp
-def _permute_jvp(primals, tangents):
-  # The tangent as a scatter by inv_perm (the same values): JAX transposes a
-  # scatter with unique indices into a gather, but a gather into a scatter-add,
-  # which XLA:CPU runs 5x slower ([16, 12288]: 1.6 against 0.3 ms, forward and
-  # backward).
-  x, perm, inv_perm = primals
-  t = jnp.zeros_like(x).at[:, inv_perm].set(tangents[0], unique_indices=True,
-                                            mode="promise_in_bounds")
-  return permute(x, perm, inv_perm), t
 
 
 class Coupling(nnx.Module):
@@ -130,14 +123,14 @@ class Coupling(nnx.Module):
 
   def __call__(self, x, perm, inv_perm, context=None, inverse=False):
     b, n, d = x.shape
-    flat = permute(x.reshape(b, n * d), perm, inv_perm)  # [B, N*D]
+    flat = permute(x.reshape(b, n * d), perm)                      # [B, N*D]
     x1, x2 = (h.reshape(b, n, d // 2) for h in jnp.split(flat, 2, axis=1))
     bias, raw_scale = self.dnn(x1, context)                        # [B, N, D/2] each
     scale = jax.nn.sigmoid(raw_scale) * self.scale_factor
     logdet = jnp.sum(jax.nn.log_sigmoid(raw_scale) + np.log(self.scale_factor), (1, 2))
     x2 = x2 / scale - bias if inverse else (x2 + bias) * scale
     flat = jnp.concatenate([x1.reshape(b, -1), x2.reshape(b, -1)], axis=1)
-    x = permute(flat, inv_perm, perm).reshape(b, n, d)       # [B, N, D]
+    x = permute(flat, inv_perm).reshape(b, n, d)                   # [B, N, D]
     return x, (-logdet if inverse else logdet)
 
 

@@ -185,7 +185,7 @@ class JetFormer(nnx.Module):
     if self.text_out is not None:
       return self.text_out(h).astype(jnp.float32)
     w = self.embed[...][0]                                           # [V, W]
-    return jnp.dot(h.reshape(-1, w.shape[1]), w.T).reshape(*h.shape[:2], -1)
+    return jnp.einsum("BLW,VW->BLV", h, w, preferred_element_type=jnp.float32)
 
   def __call__(self, text, text_mask, soft, text_first, dropout_key=None):
     """Both orders in one decoder pass.

@@ -7,8 +7,6 @@ Every parameter carries logical axis names in its `axes` metadata; the
 sharding rules of a study map them onto the mesh (`jetformer/sharding.py`).
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +21,6 @@ xavier = jax.nn.initializers.xavier_uniform()
 # (jet.REMAT_POLICIES): every 2-D product here carries one.
 MLP_HIDDEN = "mlp_hidden"  # the MLP's first layer, 4x wider than the rest
 ATTENTION_PROJ = "attention_proj"  # the query, key, value and output projections
-CPU_HEAD_GROUPS = 2  # attention's groups of heads on XLA:CPU: the 2 cores measured (4: no faster)
 
 
 def param(init, key, shape, axes, dtype=jnp.float32):
@@ -44,11 +41,8 @@ class Dense(nnx.Module):
     self.name = name
 
   def __call__(self, x):  # [..., in] -> [..., out]
-    # A 2-D matmul: XLA:CPU runs the backward of a 3-D dot_general several
-    # times slower than that of the same product on flattened rows.
-    k = self.kernel[...]
-    y = checkpoint_name(precision.dot(x.reshape(-1, k.shape[0]), k, self.dtype), self.name)
-    return (y + self.bias[...]).reshape(*x.shape[:-1], k.shape[1])
+    y = checkpoint_name(precision.matmul(x, self.kernel[...], self.dtype), self.name)
+    return y + self.bias[...]
 
 
 class LayerNorm(nnx.Module):
@@ -68,9 +62,14 @@ class LayerNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Multi-head attention with biases; q/k/v kernels [D, H, Dh], out [H, Dh, D]."""
+  """Multi-head attention with biases; q/k/v kernels [D, H, Dh], out [H, Dh, D].
 
-  def __init__(self, dim, num_heads, *, rngs, out_init=None, dtype=jnp.float32):
+  `implementation` goes to `jax.nn.dot_product_attention`: None (XLA) or
+  "cudnn" (fused kernels on NVIDIA GPUs).
+  """
+
+  def __init__(self, dim, num_heads, *, rngs, out_init=None, dtype=jnp.float32,
+               implementation=None):
     if dim % num_heads:
       raise ValueError(f"emb_dim {dim} must be divisible by num_heads {num_heads}")
     hd = dim // num_heads
@@ -88,45 +87,20 @@ class Attention(nnx.Module):
         kernel=param(out_init, rngs.params(), (num_heads, hd, dim),
                      ("heads", "head_dim", "embed")),
         bias=nnx.Param(jnp.zeros((dim,)), axes=("embed",)))
-    self.dtype = dtype
+    self.dtype = jnp.dtype(dtype)
+    self.implementation = implementation
 
-  def _proj(self, p, x):  # [B, T, D] -> [B, T, H, Dh], as a 2-D matmul (see Dense)
-    k = p["kernel"][...]
-    y = precision.dot(x.reshape(-1, k.shape[0]), k.reshape(k.shape[0], -1), self.dtype)
-    y = checkpoint_name(y, ATTENTION_PROJ)
-    return y.reshape(*x.shape[:-1], *k.shape[1:]) + p["bias"][...]
+  def _proj(self, p, x):  # [B, T, D] -> [B, T, H, Dh]
+    y = checkpoint_name(precision.matmul(x, p["kernel"][...], self.dtype), ATTENTION_PROJ)
+    return (y + p["bias"][...]).astype(self.dtype)
 
   def __call__(self, x, context):  # [B, T, D], [B, S, D] -> [B, T, D]
     q = self._proj(self.query, x)        # [B, T, H, Dh]
     k = self._proj(self.key, context)    # [B, S, H, Dh]
     v = self._proj(self.value, context)  # [B, S, H, Dh]
-    q = q / np.sqrt(q.shape[-1]).astype(q.dtype)
-    # XLA:CPU runs each batched product on one core, and independent products
-    # at once: groups of heads keep the cores busy (bench/RESULTS.md). Fewer
-    # groups where H does not divide (odd H: one). The slices stay local as
-    # long as no study shards the heads axis (none does).
-    h = q.shape[2]
-    groups = math.gcd(h, CPU_HEAD_GROUPS) if precision.xla_cpu() else 1
-    g = h // groups                                                 # heads per group
-    y = jnp.concatenate([self._attend(*(a[:, :, i:i + g] for a in (q, k, v)))
-                         for i in range(0, h, g)], axis=1)          # [B, H, T, Dh]
-    y = y.transpose(0, 2, 1, 3)                                     # [B, T, H, Dh]
-    w = self.out["kernel"][...]                                     # [H, Dh, D]
-    w = w.reshape(-1, w.shape[2])
-    out = checkpoint_name(precision.dot(y.reshape(-1, w.shape[0]), w, self.dtype), ATTENTION_PROJ)
-    return out.reshape(*y.shape[:2], -1) + self.out["bias"][...]
-
-  def _attend(self, q, k, v):  # [B, T, G, Dh], [B, S, G, Dh] x2 -> [B, G, T, Dh]
-    # Heads-major batched matmuls: XLA:CPU runs these ~5x faster than the
-    # equivalent einsums over [B, T, H, Dh] operands. Flattened to 3-D after the
-    # transpose, so that the operands are row-major: XLA:CPU runs bfloat16
-    # products on transposed layouts in float32.
-    b, t, g, hd = q.shape
-    q, k, v = (a.transpose(0, 2, 1, 3).reshape(b * g, -1, hd)
-               for a in (q, k, v))                                  # q [BG, T, Dh], k/v [BG, S, Dh]
-    logits = precision.dot(q, k, self.dtype, y_transposed=True)     # [BG, T, S]
-    probs = jax.nn.softmax(logits, axis=-1)
-    return precision.dot(probs, v, self.dtype).reshape(b, g, t, hd)
+    y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    out = precision.matmul(y, self.out["kernel"][...], self.dtype, contract=2)  # [B, T, D]
+    return checkpoint_name(out, ATTENTION_PROJ) + self.out["bias"][...]
 
 
 class MlpBlock(nnx.Module):
@@ -146,9 +120,10 @@ class MlpBlock(nnx.Module):
 class EncoderBlock(nnx.Module):
   """x + MHSA(LN(x)), then x + MLP(LN(x))."""
 
-  def __init__(self, dim, num_heads, *, rngs, dtype=jnp.float32):
+  def __init__(self, dim, num_heads, *, rngs, dtype=jnp.float32, attention_impl=None):
     self.LayerNorm_0 = LayerNorm(dim, rngs=rngs)
-    self.MultiHeadDotProductAttention_0 = Attention(dim, num_heads, rngs=rngs, dtype=dtype)
+    self.MultiHeadDotProductAttention_0 = Attention(dim, num_heads, rngs=rngs, dtype=dtype,
+                                                    implementation=attention_impl)
     self.LayerNorm_1 = LayerNorm(dim, rngs=rngs)
     self.MlpBlock_0 = MlpBlock(dim, 4 * dim, rngs=rngs, dtype=dtype)
 
@@ -161,8 +136,9 @@ class EncoderBlock(nnx.Module):
 class Encoder(nnx.Module):
   """`depth` blocks and a final LayerNorm (block_depth is small: unrolled)."""
 
-  def __init__(self, dim, depth, num_heads, *, rngs, dtype=jnp.float32):
-    self.blocks = nnx.List([EncoderBlock(dim, num_heads, rngs=rngs, dtype=dtype)
+  def __init__(self, dim, depth, num_heads, *, rngs, dtype=jnp.float32, attention_impl=None):
+    self.blocks = nnx.List([EncoderBlock(dim, num_heads, rngs=rngs, dtype=dtype,
+                                         attention_impl=attention_impl)
                             for _ in range(depth)])
     self.encoder_norm = LayerNorm(dim, rngs=rngs)
 
