@@ -80,7 +80,7 @@ def main():
   size, batch = cfg["image"], cfg["batch"]
   model = jet.Model(depth=cfg["depth"], block_depth=cfg["block_depth"], emb_dim=cfg["emb_dim"],
                     num_heads=cfg["num_heads"], ps=cfg["ps"],
-                    kinds=("channels", "channels", "spatial"))
+                    kinds=cfg["kinds"])
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (batch, size, size, 3)) / 127.5 - 1, jnp.float32)
   params = jax.jit(lambda k: model.init(k, images, method=model.forward)["params"])(

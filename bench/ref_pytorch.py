@@ -73,7 +73,7 @@ def main():
   model = Jet(patch_size=ps, patch_dim=3 * ps * ps, n_patches=(size // ps) ** 2,
               img_dims=(size, size), coupling_layers=cfg["depth"], block_depth=cfg["block_depth"],
               block_width=cfg["emb_dim"], num_heads=cfg["num_heads"],
-              coupling_types=("channels", "channels", "spatial"),
+              coupling_types=cfg["kinds"],
               spatial_coupling_projs=("checkerboard", "checkerboard-inv"))
   forward = torch.compile(model) if args.compile else model
   step = make_step(model, forward, size, cfg["batch"], bool(args.bf16))

@@ -2,6 +2,10 @@
 
 import ml_collections
 
+# jax.nn.dot_product_attention's implementation: unset (None) is XLA's, "cudnn" fused
+# kernels on NVIDIA GPUs.
+_ATTENTION_IMPL = ml_collections.config_dict.placeholder(str)
+
 # The spatial patterns of the Jet paper's ImageNet studies, cycled over the spatial couplings.
 ALL_SPATIAL = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
                "hstripes", "hstripes-inv")
@@ -16,7 +20,8 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
   c.model = dict(ps=4, depth=32, block_depth=2, emb_dim=512, num_heads=8, scale_factor=2.0,
                  kinds=("channels",) * 4 + ("spatial",), channel_projs=("random",),
                  spatial_projs=ALL_SPATIAL, num_classes=0, remat="dots_except_mlp_hidden",
-                 scan=True, dtype="bfloat16")  # ViT matmul operands (precision.py); "float32": plain
+                 scan=True, dtype="bfloat16",  # ViT matmul operands (precision.py); "float32": plain
+                 attention_impl=_ATTENTION_IMPL)
   c.label_drop_prob = 0.0
   c.batch_size = 1024
   c.num_epochs = 200.0
@@ -102,9 +107,10 @@ def jetformer_base(*, dataset, image_size, variant="350M", train_split="train",
       jet=dict(depth=32, block_depth=4 if variant == "350M" else 6, emb_dim=512, num_heads=8,
                scale_factor=2.0, kinds=("channels",), channel_projs=("random",),
                spatial_projs=ALL_SPATIAL, num_classes=0, remat="dots", scan=True,
-               dtype="float32"),
+               dtype="float32", attention_impl=_ATTENTION_IMPL),
       decoder=dict(DECODERS[variant], num_kv_heads=1, dropout=0.1, remat="dots", scan=True,
-                   dtype="float32", rope_max_wavelength=10_000.0))
+                   dtype="float32", rope_max_wavelength=10_000.0,
+                   attention_impl=_ATTENTION_IMPL))
   c.objective = dict(text_prefix_prob=1.0, text_loss_weight=1.0, loss_on_prefix=False,
                      cfg_drop_prob=0.1, noise_sigma0=64.0, noise_sigma_final=0.0,
                      teacher_noise=0.3, frozen_flow=False)
