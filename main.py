@@ -64,7 +64,8 @@ def summary(results):
                                       for k, v in results.items() if k.startswith("val_"))
   text = f"Validation bits/dim: Jet {results['val_bpd']:.3f}"
   if "val_png_bpd" in results:
-    text += f", PNG {results['val_png_bpd']:.3f} on the same images"
+    text += (f", PNG {results['val_png_bpd']:.3f}, lossless WebP {results['val_webp_bpd']:.3f}"
+             " on the same images")
   return text
 
 

@@ -36,7 +36,7 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
   c.ckpt_every = 1000
   c.keep_ckpts = 3
   c.eval_batch_size = 1024
-  c.compare_png = False                # print PNG's bits/dim on the validation images at the end
+  c.compare_png = False                # print PNG's and lossless WebP's bits/dim on the validation images
   # Sampling (evaluate.py --tasks=sample, the sample grid written while training).
   # cfg_weight, t_scale, t_probs and the prompts are JetFormer's; temperature is Jet's.
   c.sample = dict(labels=tuple(range(10)), prompts=(), prompts_file="", per_prompt=8,

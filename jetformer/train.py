@@ -232,5 +232,6 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
     writer.flush()
   if config.compare_png:
     images = data.raw_images(ds.name, ds.eval_split, ds.data_dir, image_size=ds.image_size)
-    results["val_png_bpd"] = data.png_bits_per_dim(images)
+    for codec in ("png", "webp"):
+      results[f"val_{codec}_bpd"] = data.codec_bits_per_dim(images, codec)
   return results

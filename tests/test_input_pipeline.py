@@ -313,7 +313,7 @@ def test_unknown_dataset_lists_known_ones():
     ip.num_examples("mnist", "train")
 
 
-# PNG baseline.
+# Codec baselines.
 
 
 def test_png_bits_per_dim_by_hand():
@@ -335,6 +335,18 @@ def test_png_bits_per_dim_by_hand():
   assert ip.png_bits_per_dim(images) == pytest.approx(
       np.mean(sizes) * 8 / (8 * 8 * 3))
   assert ip.png_bits_per_dim(images[:1]) > 8  # Noise does not compress.
+
+
+def test_webp_bits_per_dim_is_lossless_and_counts_the_file():
+  images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), np.uint8)
+  images[1] = 7
+  sizes = []
+  for image in images:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="WEBP", lossless=True, quality=100, method=6)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(buffer.getvalue()))), image)
+    sizes.append(len(buffer.getvalue()))
+  assert ip.codec_bits_per_dim(images, "webp") == pytest.approx(np.mean(sizes) * 8 / (8 * 8 * 3))
 
 
 def test_raw_images_are_uint8(data_dir):

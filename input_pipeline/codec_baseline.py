@@ -1,4 +1,4 @@
-"""PNG as a lossless-compression baseline for bits per dimension."""
+"""Lossless codecs (PNG, WebP) as baselines for bits per dimension."""
 import io
 
 import grain
@@ -9,11 +9,16 @@ from input_pipeline import transforms
 from input_pipeline.sources import open_source
 
 
-def png_bits_per_dim(images_uint8: np.ndarray) -> float:
-  """Mean over images of PNG file bits / (H*W*3); images [N, H, W, 3] uint8.
+# Pillow's save options for each codec's smallest lossless file.
+CODECS = {"png": dict(format="PNG", optimize=True),
+          "webp": dict(format="WEBP", lossless=True, quality=100, method=6)}
 
-  Each image is its own file (Pillow, optimize=True), so the headers count,
-  as they would for any per-image codec.
+
+def codec_bits_per_dim(images_uint8: np.ndarray, codec: str) -> float:
+  """Mean over images of the codec's file bits / (H*W*3); images [N, H, W, 3] uint8.
+
+  Each image is its own file, so the headers count, as they would for any
+  per-image codec.
   """
   images_uint8 = np.asarray(images_uint8)
   if images_uint8.dtype != np.uint8 or images_uint8.ndim != 4:
@@ -22,9 +27,13 @@ def png_bits_per_dim(images_uint8: np.ndarray) -> float:
   bits = []
   for image in images_uint8:  # [H, W, 3]
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(image).save(buffer, **CODECS[codec])
     bits.append(8 * len(buffer.getvalue()) / image.size)
   return float(np.mean(bits))
+
+
+def png_bits_per_dim(images_uint8: np.ndarray) -> float:
+  return codec_bits_per_dim(images_uint8, "png")
 
 
 def raw_images(name: str, split: str, data_dir: str | None = None, *,
