@@ -20,7 +20,7 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
   c.model = dict(ps=4, depth=32, block_depth=2, emb_dim=512, num_heads=8, scale_factor=2.0,
                  kinds=("channels",) * 4 + ("spatial",), channel_projs=("random",),
                  spatial_projs=ALL_SPATIAL, num_classes=0, remat="dots_except_mlp_hidden",
-                 scan=True, dtype="bfloat16",  # ViT matmul operands (precision.py); "float32": plain
+                 scan=True, dtype="bfloat16",  # matmul algorithm (precision.py): TPUs, GPUs
                  attention_impl=_ATTENTION_IMPL)
   c.label_drop_prob = 0.0
   c.batch_size = 1024
@@ -81,6 +81,9 @@ def command_line_keys(argv):
   return {a.split("=")[0].removeprefix("--config.") for a in argv if a.startswith("--config.")}
 
 
+# The offline demos train on CPUs, which have no bfloat16 products (precision.py).
+CPU_DEMO_DTYPE = "float32"
+
 # JetFormer decoder sizes (DESIGN section 2), picked by the studies' `variant` argument.
 DECODERS = {
     "350M": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16, head_dim=64),
@@ -107,9 +110,9 @@ def jetformer_base(*, dataset, image_size, variant="350M", train_split="train",
       jet=dict(depth=32, block_depth=4 if variant == "350M" else 6, emb_dim=512, num_heads=8,
                scale_factor=2.0, kinds=("channels",), channel_projs=("random",),
                spatial_projs=ALL_SPATIAL, num_classes=0, remat="dots", scan=True,
-               dtype="float32", attention_impl=_ATTENTION_IMPL),
+               dtype="bfloat16", attention_impl=_ATTENTION_IMPL),
       decoder=dict(DECODERS[variant], num_kv_heads=1, dropout=0.1, remat="dots", scan=True,
-                   dtype="float32", rope_max_wavelength=10_000.0,
+                   dtype="bfloat16", rope_max_wavelength=10_000.0,
                    attention_impl=_ATTENTION_IMPL))
   c.objective = dict(text_prefix_prob=1.0, text_loss_weight=1.0, loss_on_prefix=False,
                      cfg_drop_prob=0.1, noise_sigma0=64.0, noise_sigma_final=0.0,

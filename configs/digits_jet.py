@@ -12,7 +12,7 @@ def get_config():
   c = common.jet_base(dataset="digits", image_size=16)
   c.dataset.flip = False                 # a mirrored digit is another glyph
   c.model.update(ps=2, depth=8, block_depth=1, emb_dim=64, num_heads=4, num_classes=10,
-                 kinds=("channels", "channels", "spatial"))
+                 kinds=("channels", "channels", "spatial"), dtype=common.CPU_DEMO_DTYPE)
   c.label_drop_prob = 0.1
   c.batch_size = 64
   c.total_steps = 1000

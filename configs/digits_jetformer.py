@@ -28,8 +28,10 @@ def get_config():
   c.dataset.flip = False                 # a mirrored digit is another glyph
   c.model.update(patch_size=4, latent_dim=0, num_mixtures=16, vocab_size=10,
                  num_vocab_repeats=4)
-  c.model.jet.update(depth=4, block_depth=1, emb_dim=64, num_heads=2)
-  c.model.decoder.update(width=128, depth=3, mlp_dim=512, num_heads=4, head_dim=32)
+  c.model.jet.update(depth=4, block_depth=1, emb_dim=64, num_heads=2,
+                     dtype=common.CPU_DEMO_DTYPE)
+  c.model.decoder.update(width=128, depth=3, mlp_dim=512, num_heads=4, head_dim=32,
+                         dtype=common.CPU_DEMO_DTYPE)
   c.objective.update(noise_sigma0=32.0)
   c.batch_size = 64
   c.total_steps = 4000
