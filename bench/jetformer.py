@@ -30,16 +30,25 @@ CONFIGS = {
         jet=dict(depth=4, block_depth=1, emb_dim=128, num_heads=4, kinds=("channels",)),
         decoder=dict(width=256, depth=4, mlp_dim=1024, num_heads=4, num_kv_heads=1,
                      head_dim=64, dropout=0.1)),
+    # The paper's 350M class-conditional ImageNet 256 model (configs/jetformer_imagenet256.py):
+    # 256 tokens of 768 dims, 128 modelled; a batch that fills one GPU.
+    "JF-350M": dict(
+        image=256, batch=64, patch_size=16, latent_dim=128, num_mixtures=1024, vocab_size=1000,
+        num_vocab_repeats=16,
+        jet=dict(depth=32, block_depth=4, emb_dim=512, num_heads=8, kinds=("channels",)),
+        decoder=dict(width=1024, depth=24, mlp_dim=4096, num_heads=16, num_kv_heads=1,
+                     head_dim=64, dropout=0.1)),
 }
 
 
-def model_config(spec, remat, scan):
+def model_config(spec, remat, scan, **policy):
+  """JetFormerConfig of a setting; `policy`: dtype and attention_impl of both stacks."""
   spec = dict(spec)
   size, p = spec.pop("image"), spec["patch_size"]
   spec.pop("batch")
   jet = jet_lib.JetConfig(image_shape=(size // p, size // p, p * p * 3), ps=1, remat=remat,
-                          scan=scan, **spec.pop("jet"))
-  dec = gemma.DecoderConfig(remat=remat, scan=scan, **spec.pop("decoder"))
+                          scan=scan, **policy, **spec.pop("jet"))
+  dec = gemma.DecoderConfig(remat=remat, scan=scan, **policy, **spec.pop("decoder"))
   return jf.JetFormerConfig(image_shape=(size, size, 3), jet=jet, decoder=dec, **spec)
 
 
@@ -55,12 +64,16 @@ def main():
   parser.add_argument("--config", choices=sorted(CONFIGS), default="JF-small")
   parser.add_argument("--remat", choices=sorted(gemma.REMAT_POLICIES), default="dots")
   parser.add_argument("--batch", type=int, default=0, help="override the batch size")
+  parser.add_argument("--dtype", default="bfloat16", help="matmul algorithm (precision.py)")
+  parser.add_argument("--attention_impl", default=None, choices=["xla", "cudnn"],
+                      help="jax.nn.dot_product_attention's implementation (default: XLA)")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
   args = parser.parse_args()
   spec = CONFIGS[args.config]
   batch, size = args.batch or spec["batch"], spec["image"]
-  cfg = model_config(spec, args.remat, scan=True)
+  policy = dict(dtype=args.dtype, attention_impl=args.attention_impl)
+  cfg = model_config(spec, args.remat, scan=True, **policy)
 
   tx = optim.make(lr=1e-3, total_steps=1000, weight_decay=1e-4)
   _, state, data = timing.setup(cfg, tx, size, batch, spec["vocab_size"])
@@ -69,9 +82,9 @@ def main():
       train_step(cfg, tx, donate_argnums=0), state, data, key,
       warmup=args.warmup, steps=args.steps)
   # Cost analysis counts a scan body once: take it on the unrolled model.
-  unrolled = model_config(spec, args.remat, scan=False)
+  unrolled = model_config(spec, args.remat, scan=False, **policy)
   flops = timing.flops(train_step(unrolled, tx), state, data, key)
-  result = timing.report(config=args.config, remat=args.remat, batch=batch,
+  result = timing.report(config=args.config, remat=args.remat, batch=batch, **policy,
                          first_step_s=first_step_s, step_s=step_s, flops_per_step=flops)
   print(json.dumps({**result, "loss": float(metrics["loss"])}))
 

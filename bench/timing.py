@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jetformer import sharding, steps
+from jetformer import chips, sharding, steps
 
 
 def setup(cfg, tx, size, batch, num_classes):
@@ -107,15 +107,19 @@ def device_peak_mib():
 
 
 def report(*, batch, first_step_s, step_s, flops_per_step, **extra):
-  """The benchmarks' JSON line fields (throughput, compile, memory, FLOPs, matmul fraction).
+  """The benchmarks' JSON line fields (throughput, compile, memory, FLOPs, MFU).
 
-  The fraction is of the measured float32 matmul rate; `matmul_fraction_bf16`
-  is of the bfloat16 rate, the one that bounds the bfloat16 studies.
+  `mfu` is of the device's published dense bfloat16 peak (jetformer/chips.py;
+  None for devices not listed, e.g. CPUs). Beside it, the fractions of the
+  measured float32 and bfloat16 matmul rates.
   """
   memory = {  # before the matmul peaks, whose buffers would count on a GPU
       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       "device_peak_mib": device_peak_mib()}
   peak, peak_bf16 = matmul_peak(), matmul_peak(jnp.bfloat16)
+  kind = jax.devices()[0].device_kind
+  chip = chips.lookup(kind)
+  achieved = flops_per_step / step_s / jax.device_count()  # per device
   return {
       **extra, "devices": jax.device_count(), "backend": jax.default_backend(), "batch": batch,
       "step_s_median": round(step_s, 4),
@@ -123,6 +127,8 @@ def report(*, batch, first_step_s, step_s, flops_per_step, **extra):
       "first_step_s": round(first_step_s, 2),
       **memory,
       "flops_per_step": flops_per_step,
+      "device_kind": kind,
+      "mfu": None if chip is None else round(achieved / chip.bf16_flops, 4),
       "matmul_peak_flops": round(peak),
       "matmul_fraction": round(flops_per_step / step_s / peak, 4),
       "matmul_peak_bf16_flops": round(peak_bf16),
