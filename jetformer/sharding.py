@@ -88,10 +88,20 @@ def constrain_batch(x):
 
 
 def on_mesh(fn, mesh):
-  """fn traced and run under `jax.set_mesh(mesh)`, so that `constrain_batch` sees the mesh."""
+  """fn traced and run under `jax.set_mesh(mesh)`, so that `constrain_batch` sees the mesh.
+
+  A jitted fn keeps its `lower`, under the mesh too: aot.py compiles the
+  train step for a TPU slice from abstract arguments.
+  """
   def call(*args):
     with jax.set_mesh(mesh):
       return fn(*args)
+
+  def lower(*args):
+    with jax.set_mesh(mesh):
+      return fn.lower(*args)
+  if hasattr(fn, "lower"):
+    call.lower = lower
   return call
 
 
