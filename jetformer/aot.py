@@ -26,6 +26,7 @@ What libtpu 0.0.42.1's compiler reports (tests/test_aot.py checks the first two)
 import collections
 import dataclasses
 import functools
+import math
 import os
 import re
 import time
@@ -192,6 +193,12 @@ def collectives(hlo_text):
   return {kind: counts.get(kind, 0) for kind in COLLECTIVES}
 
 
+def shard_bytes(tree):
+  """Bytes per device of a tree of sharded ShapeDtypeStructs, before any TPU tile padding."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
 def memory(compiled):
   """Per-device bytes; total as MaxText's train_compile: arguments + outputs + temps - aliased."""
   m = compiled.memory_analysis()
@@ -244,6 +251,7 @@ def compile_study(config, topology, num_slices=1, data=None):
       "device_kind": mesh.devices.flat[0].device_kind, "mesh": dict(mesh.shape),
       "batch_size": config.batch_size, "params": sum(x.size for x in jax.tree.leaves(
           state["params"])), "compile_s": compile_s, "memory": mem,
+      "state_gib_per_device": shard_bytes(state) / 2**30,
       "per_device_gib": mem["total"] / 2**30, "hbm_gib": tpu.hbm_gib,
       "fits": mem["total"] <= hbm, "flops_per_step": flops,
       "flops_per_device": flops / mesh.size,
@@ -264,7 +272,8 @@ def describe(report, config):
       f"({r['device_kind']}, {r['num_hosts']} hosts), mesh {r['mesh']}, batch "
       f"{r['batch_size']} ({per_chip} per chip), {r['params'] / 1e6:.1f}M params; "
       f"lowered and compiled in {r['compile_s']:.0f} s",
-      f"memory per chip (GiB): arguments {m['arguments']:.2f}, outputs {m['outputs']:.2f}, "
+      f"memory per chip (GiB): arguments {m['arguments']:.2f} (the train state's shards "
+      f"{r['state_gib_per_device']:.2f} before tile padding), outputs {m['outputs']:.2f}, "
       f"temporaries {m['temporaries']:.2f}, aliased {m['aliased']:.2f} (donated state), "
       f"generated code {m['generated_code']:.2f}",
       f"  total {m['total']:.2f} of {r['hbm_gib']} GiB HBM ({m['total'] / r['hbm_gib']:.0%}): "

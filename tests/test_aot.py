@@ -143,12 +143,6 @@ def small_jetformer():
   return config
 
 
-def shard_bytes(tree):
-  """Bytes per device of a tree of sharded ShapeDtypeStructs (a replicated leaf: all of it)."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-             for x in jax.tree.leaves(tree))
-
-
 def test_small_jetformer_is_fsdp_on_two_hosts():
   """8 v5p chips on 2 hosts hold 1/8 of the train state each, and move weights, not activations.
 
@@ -166,7 +160,8 @@ def test_small_jetformer_is_fsdp_on_two_hosts():
   compiled = lowered.compile()
 
   whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))   # 639 MB
-  per_chip, batch = shard_bytes(state), shard_bytes(aot.abstract_batch(config, mesh))
+  per_chip = aot.shard_bytes(state)
+  batch = aot.shard_bytes(aot.abstract_batch(config, mesh))
   assert per_chip < 1.01 * whole / mesh.size              # all but a few tiny leaves sharded
   mem = aot.memory(compiled)
   assert per_chip + batch <= mem["arguments"] < 1.05 * (per_chip + batch)  # + tile padding
