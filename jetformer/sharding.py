@@ -12,6 +12,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 # Names every model in this project uses; a rule for any other name is a typo.
@@ -30,8 +31,26 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices=None):
   if int(np.prod(sizes)) != len(devices):
     raise ValueError(f"Mesh {dict(zip(names, sizes))} needs {np.prod(sizes)} devices, "
                      f"there are {len(devices)}.")
-  return jax.make_mesh(tuple(sizes), tuple(names), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+  auto = (jax.sharding.AxisType.Auto,) * len(names)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices > 1:  # TPU slices joined over the data-center network
+    return jax.sharding.Mesh(_multislice(sizes, names, devices, slices), names, axis_types=auto)
+  return jax.make_mesh(tuple(sizes), tuple(names), devices=devices, axis_types=auto)
+
+
+def _multislice(sizes, names, devices, slices):
+  """Devices [*sizes] with the first axis whose size divides by `slices` spanning them.
+
+  jax.make_mesh places devices by their coordinates within one slice; across
+  slices the slow network should carry one axis only, the outermost possible
+  (the data axis, in meshes that give it the slices' number).
+  """
+  axis = next((i for i, s in enumerate(sizes) if s % slices == 0), None)
+  if axis is None:
+    raise ValueError(f"No axis of mesh {dict(zip(names, sizes))} divides by {slices} slices.")
+  dcn = [slices if i == axis else 1 for i in range(len(sizes))]
+  return mesh_utils.create_hybrid_device_mesh([s // d for s, d in zip(sizes, dcn)], dcn,
+                                              devices)
 
 
 def check_rules(rules, mesh):
@@ -88,10 +107,20 @@ def constrain_batch(x):
 
 
 def on_mesh(fn, mesh):
-  """fn traced and run under `jax.set_mesh(mesh)`, so that `constrain_batch` sees the mesh."""
+  """fn traced and run under `jax.set_mesh(mesh)`, so that `constrain_batch` sees the mesh.
+
+  A jitted fn keeps its `lower`, under the mesh too: aot.py compiles the
+  train step for a TPU slice from abstract arguments.
+  """
   def call(*args):
     with jax.set_mesh(mesh):
       return fn(*args)
+
+  def lower(*args):
+    with jax.set_mesh(mesh):
+      return fn.lower(*args)
+  if hasattr(fn, "lower"):
+    call.lower = lower
   return call
 
 

@@ -50,14 +50,32 @@ def weight_shardings(params, frozen, rules, mesh, ema=False):
 
 
 def state_shardings(tx, abstract_state, params, frozen, rules, mesh):
-  """Weights by the rules (weight_shardings); the optimizer state as XLA propagates it."""
+  """Weights by the rules (weight_shardings); the optimizer state like the params it tracks."""
+  del tx  # the state's own tree says which leaves track a param (like_params)
   out = weight_shardings(params, frozen, rules, mesh, ema="ema" in abstract_state)
   repl = sharding.replicated(mesh)
-  abstract_params = sharding.abstract(abstract_state["params"], out["params"])
-  opt_sh = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
-  # Leaves that do not derive from a param (step counts) come back on one device.
-  opt_sh = jax.tree.map(lambda s: repl if s.is_fully_replicated else s, opt_sh)
+  opt_sh = like_params(abstract_state["opt"], abstract_state["params"], out["params"], repl)
   return {"step": repl, "opt": opt_sh, **out}
+
+
+def like_params(opt_state, params, param_shardings, default):
+  """Shardings for opt_state: a leaf whose path ends in a param's path, with its shape, as it.
+
+  Adam's moments sit in optax's state as trees like the params
+  (`[1].mu['couplings']...`, under multi_transform's masks too). XLA's
+  propagation through `jit(tx.init)` cannot place them, since zeros_like
+  reads only a shape: it replicated them on every device. Step counts and
+  other leaves get `default`.
+  """
+  shapes = {path: x.shape for path, x in jax.tree_util.tree_leaves_with_path(params)}
+  placed = dict(jax.tree_util.tree_leaves_with_path(param_shardings))
+
+  def one(path, leaf):
+    for i in range(len(path)):  # the longest matching suffix first
+      if shapes.get(path[i:]) == leaf.shape:
+        return placed[path[i:]]
+    return default
+  return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
 def train_step(state, batch, key, *, graphdef, tx, ema_decay, objective, total_steps=1):
