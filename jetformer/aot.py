@@ -30,24 +30,14 @@ import math
 import os
 import re
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 
-from jetformer import sharding, steps, train
-from jetformer.models import precision
+from jetformer import chips, sharding, steps, train
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  hbm_gib: float
-  peak_tflops: float        # dense bfloat16, per chip
-  device_kind: str          # what libtpu's devices call it
-
-
-CHIPS = {"v4": Chip(32, 275, "TPU v4"), "v5e": Chip(16, 197, "TPU v5 lite"),
-         "v5p": Chip(95, 459, "TPU v5"), "v6e": Chip(32, 918, "TPU v6 lite")}
+# Topology names' chip kinds and what libtpu's devices call them (chips.py has their figures).
+DEVICE_KINDS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
 PLACEHOLDER_STEPS = 100_000  # total_steps 0 (from num_epochs): the schedule's length costs nothing
 EXAMPLES = ("v5p:2x2x2", "v5p:4x4x4", "v4:2x2x2", "v5e:4x4", "v6e:8x8")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -67,10 +57,10 @@ def chip(topology):
   if not sep:
     raise InputError(f"Topology {topology!r} is not CHIP:AxB[xC] (chips per axis; v5p-16 is "
                      f"v5p:2x2x2), e.g. {', '.join(EXAMPLES)}.")
-  if kind not in CHIPS:
-    raise InputError(f"Unknown TPU {kind!r} in {topology!r}: use one of {list(CHIPS)}, "
+  if kind not in DEVICE_KINDS:
+    raise InputError(f"Unknown TPU {kind!r} in {topology!r}: use one of {list(DEVICE_KINDS)}, "
                      f"e.g. {', '.join(EXAMPLES)}.")
-  return CHIPS[kind]
+  return chips.lookup(DEVICE_KINDS[kind])
 
 
 def wrap(kind, dims):
@@ -128,25 +118,19 @@ def abstract_batch(config, mesh):
 
 
 def lower_train_step(config, mesh, total_steps, data=None):
-  """(lowered train step, abstract sharded state): train.py's step on `mesh`, not run.
-
-  The model's XLA:CPU forms (precision.xla_cpu) follow the default backend,
-  which here is the CPU that compiles, not the TPU that will run: they are
-  switched off, so that the program is the one the slice traces.
-  """
-  with mock.patch.object(precision, "xla_cpu", lambda: False):
-    cfg = train.model_config(config, data)
-    tx = train.make_optimizer(config, total_steps)
-    graphdef, params, frozen = steps.abstract_model(cfg)
-    init = functools.partial(steps.init_state, cfg, tx, config.ema_decay > 0, config.seed)
-    abstract_state = jax.eval_shape(init)
-    shardings = steps.state_shardings(tx, abstract_state, params, frozen,
-                                      config.sharding_rules, mesh)
-    state = sharding.abstract(abstract_state, shardings)
-    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                               sharding=sharding.replicated(mesh))
-    step = train.compile_train_step(config, graphdef, tx, shardings, mesh, total_steps)
-    return step.lower(state, abstract_batch(config, mesh), key), state
+  """(lowered train step, abstract sharded state): train.py's step on `mesh`, not run."""
+  cfg = train.model_config(config, data)
+  tx = train.make_optimizer(config, total_steps)
+  graphdef, params, frozen = steps.abstract_model(cfg)
+  init = functools.partial(steps.init_state, cfg, tx, config.ema_decay > 0, config.seed)
+  abstract_state = jax.eval_shape(init)
+  shardings = steps.state_shardings(tx, abstract_state, params, frozen,
+                                    config.sharding_rules, mesh)
+  state = sharding.abstract(abstract_state, shardings)
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=sharding.replicated(mesh))
+  step = train.compile_train_step(config, graphdef, tx, shardings, mesh, total_steps)
+  return step.lower(state, abstract_batch(config, mesh), key), state
 
 
 def unrolled(config):
@@ -227,9 +211,8 @@ def compile_study(config, topology, num_slices=1, data=None):
   """(report, compiled): config's train step compiled for the slice(s), and what aot.py prints."""
   tpu = chip(topology)
   slice_devices = devices(topology, num_slices)
-  if slice_devices[0].device_kind != tpu.device_kind:  # the tables below are per chip kind
-    raise InputError(f"{topology!r} has {slice_devices[0].device_kind} chips, not "
-                     f"{tpu.device_kind}.")
+  if chips.lookup(slice_devices[0].device_kind) != tpu:  # the figures are per chip kind
+    raise InputError(f"{topology!r} has {slice_devices[0].device_kind} chips, not {tpu.name}.")
   try:
     mesh = sharding.make_mesh(config.mesh, devices=slice_devices)
   except ValueError as e:
@@ -257,8 +240,8 @@ def compile_study(config, topology, num_slices=1, data=None):
       "flops_per_device": flops / mesh.size,
       "xla_cost": {k: v for k, v in cost.items() if "{" not in k},  # not per operand
       "estimated_step_s": step_s,
-      "estimated_mfu": step_s and flops / (step_s * mesh.size * tpu.peak_tflops * 1e12),
-      "peak_tflops": tpu.peak_tflops,
+      "estimated_mfu": step_s and flops / (step_s * mesh.size * tpu.bf16_flops),
+      "peak_tflops": tpu.bf16_flops / 1e12,
       "collectives": collectives(compiled.as_text())}, compiled
 
 

@@ -34,6 +34,10 @@ _IN_PROCESS = device_env(8)
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + _IN_PROCESS["XLA_FLAGS"]
 os.environ.setdefault("PJRT_NPROC", _IN_PROCESS["PJRT_NPROC"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# libtpu is installed for aot.py's compiles (requirements-aot.txt): no worker starts a TPU
+# runtime, and the workers share libtpu's lock file.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -106,6 +106,7 @@ def test_a_study_that_does_not_fit_names_the_knobs():
   report = dict(study="jetformer_imagenet256:1.3B", topology="v5e:4x4", num_slices=1,
                 num_devices=16, num_hosts=4, device_kind="TPU v5 lite", mesh={"fsdp": 16},
                 batch_size=2048, params=2e9, compile_s=60.0, hbm_gib=16, fits=False,
+                state_gib_per_device=0.9,
                 memory=dict(arguments=gib, outputs=gib, temporaries=40 * gib, aliased=gib,
                             generated_code=0, total=41 * gib),
                 flops_per_step=1e16, flops_per_device=6e14, peak_tflops=197,
