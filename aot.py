@@ -57,7 +57,7 @@ def study_name(flag):
   """configs/jetformer_imagenet256.py:1.3B -> jetformer_imagenet256:1.3B."""
   path = config_flags.get_config_filename(flag)
   arg = flag.serialize().partition(".py")[2]  # ":1.3B" or ""
-  return os.path.basename(path).removesuffix(".py") + arg
+  return os.path.basename(path).partition(":")[0].removesuffix(".py") + arg
 
 
 if __name__ == "__main__":
