@@ -29,9 +29,9 @@ def get_config():
   c.model.update(patch_size=4, latent_dim=0, num_mixtures=16, vocab_size=10,
                  num_vocab_repeats=4)
   c.model.jet.update(depth=4, block_depth=1, emb_dim=64, num_heads=2,
-                     dtype=common.CPU_DEMO_DTYPE)
+                     dtype=common.CPU_DEMO_DTYPE, remat="dots")
   c.model.decoder.update(width=128, depth=3, mlp_dim=512, num_heads=4, head_dim=32,
-                         dtype=common.CPU_DEMO_DTYPE)
+                         dtype=common.CPU_DEMO_DTYPE, remat="dots")
   c.objective.update(noise_sigma0=32.0)
   c.batch_size = 64
   c.total_steps = 4000
