@@ -24,7 +24,6 @@ What libtpu 0.0.42.1's compiler reports (tests/test_aot.py checks the first two)
 """
 
 import collections
-import dataclasses
 import functools
 import math
 import os
