@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 import input_pipeline
 from configs import common
-from jetformer import evaluation, train
+from jetformer import evaluation, preemption, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
@@ -46,9 +46,14 @@ def main(argv):
   config = common.finalize(_CONFIG.value, keep=common.command_line_keys(sys.argv))
   writer = metric_writers.create_default_writer(_WORKDIR.value,
                                                 just_logging=jax.process_index() > 0)
-  results = train.train_and_evaluate(
-      config, _WORKDIR.value, data=input_pipeline, writer=writer,
-      progress=lambda n: periodic_actions.ReportProgress(num_train_steps=n, writer=writer))
+  try:
+    results = train.train_and_evaluate(
+        config, _WORKDIR.value, data=input_pipeline, writer=writer,
+        progress=lambda n: periodic_actions.ReportProgress(num_train_steps=n, writer=writer))
+  except preemption.Preempted as e:
+    print(f"Preempted: checkpoint saved at step {e.step} in {_WORKDIR.value}; "
+          "the same command resumes from it.", flush=True)
+    return
   print(summary(results), flush=True)
   if config.final_tasks:  # e.g. the digits demos: sample grid and classifier scores
     final = evaluation.evaluate_checkpoint(config, _WORKDIR.value, data=input_pipeline,

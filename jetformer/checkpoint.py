@@ -17,11 +17,10 @@ def manager(workdir, *, save_every, keep, async_save=True, create=True):
 
 
 def save(mgr, step, state, data_iter=None, *, force=False):
-  """Saves at `step` when the interval, a preemption or `force` says so."""
+  """Saves at `step` when the manager's interval or `force` says so."""
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-  force = force or mgr.reached_preemption(step)
   return mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
 

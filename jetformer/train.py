@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jetformer import checkpoint, generation, objectives, optim, sharding, steps
+from jetformer import checkpoint, generation, objectives, optim, preemption, sharding, steps
 from jetformer.models import gemma
 from jetformer.models import jet as jet_lib
 from jetformer.models import jetformer as jetformer_lib
@@ -209,27 +209,36 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
     writer.write_scalars(at, results)
     return results
 
+  watcher = preemption.Watcher(mgr)
   try:
     while step < total:
       batch = sharding.global_batch(next(train_iter), mesh)
       state, metrics = train_fn(state, batch, jax.random.fold_in(key, step))
       step, history = step + 1, history + [metrics]  # read only when logging: no sync per step
       report(step)
-      if step % config.log_every == 0 or step == total:
+      preempted = watcher.reached(step) and step < total
+      if step % config.log_every == 0 or step == total or preempted:
         history = log_history(writer, step, history)
+      if preempted:
+        checkpoint.save(mgr, step, state, train_iter, force=True)
+        break
       if step % config.eval_every == 0 and step < total:
         run_eval(step)
       if write_grid and (step % config.sample.every == 0 or step == total):
         write_grid(step, state)
-      if step % config.ckpt_every == 0 or mgr.reached_preemption(step):
+      if step % config.ckpt_every == 0:
         check_finite(jax.device_get(metrics), step)
         checkpoint.save(mgr, step, state, train_iter, force=True)
-    results = run_eval(step)
-    if mgr.latest_step() != step:
-      checkpoint.save(mgr, step, state, train_iter, force=True)
+    else:
+      results = run_eval(step)
+      if mgr.latest_step() != step:
+        checkpoint.save(mgr, step, state, train_iter, force=True)
   finally:
+    watcher.close()
     mgr.wait_until_finished()
     writer.flush()
+  if step < total:
+    raise preemption.Preempted(step)
   if config.compare_png:
     images = data.raw_images(ds.name, ds.eval_split, ds.data_dir, image_size=ds.image_size)
     for codec in ("png", "webp"):

@@ -1,5 +1,7 @@
 """Test setup: 8 fake CPU devices, set before JAX is imported anywhere."""
 import os
+import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -39,6 +41,35 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def main_command(workdir, data_dir, *flags):
+  """main.py on the digits Jet study's runlocal shrink."""
+  return [sys.executable, str(ROOT / "main.py"), "--config=configs/digits_jet.py",
+          f"--workdir={workdir}", "--config.runlocal=True",
+          f"--config.dataset.data_dir={data_dir}", *flags]
+
+
+def run_main(workdir, data_dir, *flags):
+  """Runs main_command on 2 devices to the end; its log."""
+  out = subprocess.run(main_command(workdir, data_dir, *flags), cwd=ROOT, env=subprocess_env(2),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout + out.stderr
+
+
+def train_state(path):
+  """A saved train state, read onto one device whatever topology wrote it."""
+  import jax  # noqa: PLC0415 (after the device flags above)
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  checkpointer = ocp.StandardCheckpointer()
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                        checkpointer.metadata(path / "state").item_metadata.tree)
+  return jax.device_get(checkpointer.restore(path / "state", target))
 
 
 class Writer:

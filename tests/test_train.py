@@ -2,7 +2,6 @@
 
 import functools
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -12,11 +11,8 @@ import numpy as np
 import pytest
 
 from configs import common, digits_jet
-from conftest import subprocess_env
+from conftest import ROOT, run_main, subprocess_env, train_state
 from jetformer import objectives, optim, sharding, steps, train
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def local_config(data_dir, **overrides):
   config = digits_jet.get_config()
@@ -71,16 +67,6 @@ def test_fsdp_step_equals_single_device(tmp_path, dtype):
     np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-3)
 
 
-def run_main(workdir, data_dir, *flags):
-  cmd = [sys.executable, str(ROOT / "main.py"), "--config=configs/digits_jet.py",
-         f"--workdir={workdir}", "--config.runlocal=True",
-         f"--config.dataset.data_dir={data_dir}", *flags]
-  env = subprocess_env(2)
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return out.stdout + out.stderr
-
-
 @pytest.mark.slow
 def test_main_resumes_exactly(tmp_path):
   full, resumed, data_dir = tmp_path / "full", tmp_path / "resumed", tmp_path / "data"
@@ -94,16 +80,6 @@ def test_main_resumes_exactly(tmp_path):
   assert "starting at step 4 of 8" in log
   a, b = (train_state(d / "checkpoints" / "8") for d in (full, resumed))
   jax.tree.map(np.testing.assert_array_equal, a, b)
-
-
-def train_state(path):
-  """A saved train state, read onto one device whatever topology wrote it."""
-  import orbax.checkpoint as ocp
-  checkpointer = ocp.StandardCheckpointer()
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                        checkpointer.metadata(path / "state").item_metadata.tree)
-  return jax.device_get(checkpointer.restore(path / "state", target))
 
 
 @pytest.mark.slow
