@@ -33,11 +33,15 @@ Ablations of the paper, each one override on the command above:
   single Gaussian:           --config.model.num_mixtures=1
   one class token:           --config.model.num_vocab_repeats=1
 
-TPU fit (aot.py, libtpu 0.0.42.1), batch 2048 on v5p:4x4x4 (64 chips), remat
-full: 350M 40.7 GiB of 95 per chip (with remat dots 95.3: does not fit), XLA's
-estimate 0.41 s per step (29% MFU); 1.3B 44.6 GiB, 0.81 s (37%):
+TPU fit (aot.py, libtpu 0.0.42.1), batch 2048, remat full. 350M: v5p:4x4x2 (32
+chips, 74.6 of 95 GiB per chip; XLA estimates 1.16 s per step, 21% MFU; on 16
+chips 94.9 GiB, no headroom), v4:4x4x8 (128 chips, 19.7 of 32), and no single
+v5e slice (v5e:16x16 needs 17.4 of 16 GiB; two of them, --num_slices=2, 11.9).
+1.3B: v5p:4x4x2 (82.2 GiB, 2.24 s, 27%), v4:4x4x8 (23.7 GiB), two v5e:16x16
+(13.0 GiB). On v5p:4x4x4 (64 chips): 350M 40.7 GiB, 0.41 s (29%); 1.3B 44.6
+GiB, 0.81 s (37%). With remat dots the 350M needs 95.3 GiB on 64 chips:
 
-  python aot.py --config=configs/jetformer_imagenet256.py:1.3B --topology=v5p:4x4x4
+  python aot.py --config=configs/jetformer_imagenet256.py:1.3B --topology=v5p:4x4x2
 
 Smoke test on any machine (a tiny model, 16x16 images, a few steps):
 

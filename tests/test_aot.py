@@ -62,7 +62,10 @@ def test_paper_jet_fits_on_v5p_2x2x2():
   assert 1.0 < report["flops_per_step"] / six_nd < 1.15                # + attention (8%)
   np.testing.assert_allclose(report["flops_per_step"], paper_jet_flops(1024), rtol=0.02)
   assert 0 < report["estimated_mfu"] < 1
-  assert report["collectives"]["collective-permute"] > 0               # FSDP's looped products
+  # Data parallel (the study's mesh): the gradients all-reduced, nothing else moved.
+  assert report["mesh"] == {"data": 8, "fsdp": 1}
+  c = report["collectives"]
+  assert c["all-reduce"] > 0 and c["all-gather"] == c["collective-permute"] == 0
 
 
 def test_xla_cost_is_per_device_and_counts_a_loop_body_once():
