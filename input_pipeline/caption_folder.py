@@ -8,6 +8,9 @@ at once, naming its line); image files are read only when an example is.
 import json
 import os
 
+import numpy as np
+from PIL import Image
+
 
 def read_lines(jsonl: str) -> list[tuple[int, str, str]]:
   """(line number, image path as written, caption) per non-blank line."""
@@ -38,8 +41,8 @@ def read_lines(jsonl: str) -> list[tuple[int, str, str]]:
 
 
 class CaptionFolderSource:
-  """grain RandomAccessDataSource: {"image": encoded bytes,
-  "captions": [one caption]} (no label; DecodeExample decodes the image)."""
+  """grain RandomAccessDataSource: {"image": [H, W, 3] uint8,
+  "captions": [one caption]} (no label)."""
 
   def __init__(self, root: str, split: str):
     self.root = root
@@ -49,17 +52,16 @@ class CaptionFolderSource:
   def __len__(self) -> int:
     return len(self.examples)
 
-  def __getitem__(self, index: int) -> dict[str, bytes | list[str]]:
-    number, image, caption = self.examples[index]
+  def __getitem__(self, index: int) -> dict[str, np.ndarray | list[str]]:
+    _, image, caption = self.examples[index]
     path = os.path.join(self.root, image)  # An absolute `image` wins.
-    try:
-      with open(path, "rb") as f:
-        encoded = f.read()
-    except FileNotFoundError as e:
-      raise FileNotFoundError(
-          f"Image {path!r} named on line {number} of {self.jsonl!r} does not "
-          "exist.") from e
-    return {"image": encoded, "captions": [caption]}
+    with Image.open(path) as pil:  # decoded here, so that a bad file fails in the source
+      rgb = np.asarray(pil.convert("RGB"))  # [H, W, 3] uint8
+    return {"image": rgb, "captions": [caption]}
+
+  def describe(self, index: int) -> str:
+    number, image, _ = self.examples[index]
+    return f"{os.path.join(self.root, image)} (line {number} of {self.jsonl})"
 
   def __repr__(self) -> str:
     return f"CaptionFolderSource({self.jsonl!r}, {len(self)} examples)"

@@ -52,6 +52,9 @@ class ImageFolderSource:
       rgb = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
     return {"image": rgb, "label": label}
 
+  def describe(self, index: int) -> str:
+    return os.path.join(self.root, self.files[index][0])
+
   def __repr__(self) -> str:
     return (f"ImageFolderSource({self.root!r}, {len(self.classes)} classes, "
             f"{len(self.files)} images)")

@@ -14,7 +14,7 @@ import numpy as np
 
 from input_pipeline import text as text_lib
 from input_pipeline import transforms
-from input_pipeline.sources import open_source
+from input_pipeline.sources import SkipUnreadable, open_source
 
 
 def host_and_batch(global_batch_size: int, process_index: int | None,
@@ -64,7 +64,7 @@ def make_train_iterator(*, name: str, split: str, image_size: int,
   # are those of generate_state(2): adding text left the image stream as is.
   shuffle_seed, flip_seed, caption_seed = np.random.SeedSequence(
       seed).generate_state(3)
-  ds = grain.MapDataset.source(open_source(name, split, data_dir))
+  ds = grain.MapDataset.source(SkipUnreadable(open_source(name, split, data_dir), name))
   ds = ds.shuffle(seed=int(shuffle_seed)).repeat()  # New order every epoch.
   ds = ds.map(transforms.DecodeExample(captions=text is not None))
   ds = ds.map(transforms.ResizeSquare(image_size))
@@ -106,7 +106,7 @@ def make_eval_iterator(*, name: str, split: str, image_size: int,
   """
   index, count, batch = host_and_batch(global_batch_size, process_index,
                                        process_count)
-  source = open_source(name, split, data_dir)
+  source = SkipUnreadable(open_source(name, split, data_dir), name, mask_replaced=True)
   ds = grain.MapDataset.source(source)
   ds = ds.map(transforms.DecodeExample(captions=text is not None))
   ds = ds.map(transforms.ResizeSquare(image_size))

@@ -1,4 +1,7 @@
 """Dataset names -> random-access sources: TFDS array_record, folders."""
+import logging
+
+import numpy as np
 import tensorflow_datasets as tfds
 
 from input_pipeline import datasets
@@ -75,6 +78,52 @@ def open_source(name: str, split: str, data_dir: str | None = None):
     missing = how_to_prepare(name, builder.data_dir,
                              str(builder.data_dir_root))
     raise DatasetNotFoundError(missing) from e
+
+
+class SkipUnreadable:
+  """A source whose unreadable examples are skipped: logged with where they are, counted,
+  and replaced by the next readable example.
+
+  A corrupt or missing image file, or a record that does not decode, would
+  otherwise stop a run mid-epoch. Replacing (rather than dropping) keeps every
+  batch full and every example at its place in the stream, so hosts and
+  checkpoints stay in step. With `mask_replaced` (evaluation) the replacement
+  carries mask 0 and counts for nothing.
+  """
+
+  MAX_IN_A_ROW = 100
+
+  def __init__(self, source, name: str, mask_replaced: bool = False):
+    self._source, self._name, self._mask = source, name, mask_replaced
+    self._bad = set()  # indices found unreadable in this process, each logged once
+
+  @property
+  def skipped(self) -> int:
+    return len(self._bad)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def where(self, index: int) -> str:
+    describe = getattr(self._source, "describe", None)
+    return describe(index) if describe else f"example {index} of {self._name}"
+
+  def __getitem__(self, index: int):
+    for k in range(self.MAX_IN_A_ROW):
+      i = (index + k) % len(self._source)
+      try:
+        example = self._source[i]
+      except Exception as e:  # noqa: BLE001 (whatever one bad record raises)
+        if i not in self._bad:
+          self._bad.add(i)
+          logging.warning("Skipped an unreadable example (%d so far): %s: %s: %s",
+                          self.skipped, self.where(i), type(e).__name__, e)
+        continue
+      if k and self._mask:
+        example = {**example, "mask": np.float32(0.0)}
+      return example
+    raise ValueError(f"{self.MAX_IN_A_ROW} examples in a row from {self.where(index)} are "
+                     "unreadable: check the dataset's files.")
 
 
 def prepare_offline(name: str, data_dir: str | None) -> None:

@@ -29,6 +29,8 @@ class DecodeExample(grain.transforms.Map):
     if image.shape[-1] == 1:
       image = np.repeat(image, 3, axis=-1)  # [H, W, 3]
     decoded = {"image": image, "label": np.int32(element.get("label", 0))}
+    if "mask" in element:  # an evaluation example standing in for an unreadable one
+      decoded["mask"] = element["mask"]
     if self.captions:
       decoded["captions"] = caption_list(element)
     return decoded
@@ -93,10 +95,10 @@ class ToMinusOneOne(grain.transforms.Map):
 
 
 class AddMask(grain.transforms.Map):
-  """Marks a real (not padding) evaluation example: mask 1."""
+  """Marks a real evaluation example: mask 1 (0 where it stands in for an unreadable one)."""
 
   def map(self, element):
-    return {**element, "mask": np.float32(1.0)}
+    return {**element, "mask": np.float32(element.get("mask", 1.0))}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Tests for input_pipeline: offline datasets, grain batches, sharding, PNG."""
 import io
 import json
+import logging
+import re
 import zlib
 
 import grain
@@ -227,6 +229,57 @@ def test_eval_sees_every_example_once_with_padding_masked(folder):
       seen += list(ids(batch["image"][real]))
       padding += int((~real).sum())
   assert sorted(seen) == list(range(50)) and padding == 56 - 50
+
+
+# Unreadable examples.
+
+
+def test_unreadable_images_are_skipped_counted_and_named(tmp_path, caplog):
+  """A truncated PNG and a text file named .jpg among 12 images: no crash, no lost batch."""
+  root = tmp_path / "dirty"
+  (root / "cat").mkdir(parents=True)
+  for i in range(12):
+    Image.new("RGB", (8, 8), (i, 0, 7)).save(root / "cat" / f"{i:02d}.png")
+  good = (root / "cat" / "03.png").read_bytes()
+  (root / "cat" / "03.png").write_bytes(good[:50])  # header intact, pixels cut
+  (root / "cat" / "07.jpg").write_text("not an image")
+  name = f"folder:{root}"
+  with caplog.at_level(logging.WARNING):
+    batches = take(train(name, global_batch_size=7), 4)  # two epochs of 14 files
+    evaluation = list(ip.make_eval_iterator(name=name, split="train", image_size=8,
+                                            global_batch_size=7, process_index=0,
+                                            process_count=1))
+  assert all(b["image"].shape == (7, 8, 8, 3) for b in batches)
+  assert np.isfinite(np.concatenate([b["image"] for b in batches])).all()
+  assert re.search(r"dirty/cat/03.png: OSError: image file is truncated", caplog.text)
+  assert re.search(r"dirty/cat/07.jpg: UnidentifiedImageError", caplog.text)
+  assert caplog.text.count("Skipped an unreadable example") == 2 * 2  # once per source
+  mask = np.concatenate([b["mask"] for b in evaluation])
+  assert mask.tolist() == [1] * 3 + [0] + [1] * 3 + [0] + [1] * 5 + [0]  # 13 files + padding
+
+
+class _Records:
+  """A TFDS source (what tfds.data_source gives) whose records in `bad` do not decode."""
+
+  def __init__(self, bad):
+    self.bad = bad
+
+  def __len__(self):
+    return 3
+
+  def __getitem__(self, index):
+    if index in self.bad:
+      raise ValueError("image data is truncated")
+    return {"image": np.zeros((8, 8, 3), np.uint8), "label": index}
+
+
+def test_an_undecodable_tfds_record_is_named(caplog):
+  source = sources.SkipUnreadable(_Records({1}), "imagenet2012")
+  with caplog.at_level(logging.WARNING):
+    assert source[1]["label"] == 2 and source.skipped == 1
+  assert "example 1 of imagenet2012: ValueError: image data is truncated" in caplog.text
+  with pytest.raises(ValueError, match="100 examples in a row from example 1 of imagenet2012"):
+    sources.SkipUnreadable(_Records({0, 1, 2}), "imagenet2012")[1]  # noqa: B018
 
 
 # Image folders.

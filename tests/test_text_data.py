@@ -1,6 +1,8 @@
 """Tests for text in the input pipeline: captions, tokenizers, text batches."""
 import json
+import logging
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -275,7 +277,7 @@ def test_caption_folder_batches(caption_folder, spm_path, tokenizer):
   assert batch["text"].shape == (3, MAX_LEN)
 
 
-def test_caption_folder_errors_name_the_problem(caption_folder):
+def test_caption_folder_errors_name_the_problem(caption_folder, caplog):
   name = f"captions:{caption_folder}"
   with pytest.raises(FileNotFoundError, match="test.jsonl"):
     ip.num_examples(name, "test")
@@ -286,7 +288,9 @@ def test_caption_folder_errors_name_the_problem(caption_folder):
   (caption_folder / "train.jsonl").write_text(
       '{"image": "img/red.png", "caption": "ok"}\n'
       '{"image": "img/gone.png", "caption": "missing"}\n')
-  source = sources.open_source(name, "train")
+  source = sources.SkipUnreadable(sources.open_source(name, "train"), name)
   assert source[0]["captions"] == ["ok"]
-  with pytest.raises(FileNotFoundError, match=r"gone.png.*line 2"):
-    source[1]  # pylint: disable=pointless-statement
+  with caplog.at_level(logging.WARNING):
+    assert source[1]["captions"] == ["ok"]  # skipped: the next readable example instead
+  assert source.skipped == 1
+  assert re.search(r"gone.png \(line 2 of .*train.jsonl\): FileNotFoundError", caplog.text)
