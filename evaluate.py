@@ -7,7 +7,8 @@ give the model, the validation data and the seed of its dequantization noise;
 --config.sample.cfg_weight=2 --config.sample.prompts_file=prompts.txt). The
 mesh may differ (e.g. --config.mesh="(('data',1),('fsdp',1))" on one device).
 Writes DIR/eval_STEP.json, the tasks' PNG / npz / jsonl files beside it, the
-same to TensorBoard in DIR, and prints the numbers.
+same to TensorBoard in DIR, and prints the numbers. Multi-host: the same
+command on every host with main.py's --distributed flags.
 """
 
 import json
@@ -21,20 +22,18 @@ from ml_collections import config_flags
 
 import input_pipeline
 from configs import common
-from jetformer import evaluation
+from jetformer import cluster, evaluation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate; default the latest.")
 _TASKS = flags.DEFINE_list("tasks", ["bpd"], f"Comma-separated, of {sorted(evaluation.TASKS)}.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  cluster.initialize()
   config = common.finalize(_CONFIG.value, keep=common.command_line_keys(sys.argv))
   writer = metric_writers.create_default_writer(_WORKDIR.value,
                                                 just_logging=jax.process_index() > 0)

@@ -15,15 +15,10 @@ from ml_collections import config_flags
 
 import input_pipeline
 from configs import common
-from jetformer import evaluation, preemption, train
+from jetformer import checkpoint, cluster, evaluation, preemption, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0; unset on TPU pods and SLURM.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,19 +32,20 @@ class _QuietOrbax(std_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  if _DISTRIBUTED.value:
-    # Only the CPU client reads this (multi-process CPU runs, e.g. the tests).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  cluster.initialize()
   logging.info("Process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
   config = common.finalize(_CONFIG.value, keep=common.command_line_keys(sys.argv))
-  writer = metric_writers.create_default_writer(_WORKDIR.value,
-                                                just_logging=jax.process_index() > 0)
   try:
+    checkpoint.check_writable(_WORKDIR.value)  # before clu's writer, whose error is TensorFlow's
+    writer = metric_writers.create_default_writer(_WORKDIR.value,
+                                                  just_logging=jax.process_index() > 0)
     results = train.train_and_evaluate(
         config, _WORKDIR.value, data=input_pipeline, writer=writer,
         progress=lambda n: periodic_actions.ReportProgress(num_train_steps=n, writer=writer))
+  except (checkpoint.MismatchError, checkpoint.UnwritableError, train.ConfigError,
+          FloatingPointError) as e:
+    sys.exit(f"main.py: error: {e}")  # each message says what to do
   except preemption.Preempted as e:
     print(f"Preempted: checkpoint saved at step {e.step} in {_WORKDIR.value}; "
           "the same command resumes from it.", flush=True)

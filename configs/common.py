@@ -29,6 +29,10 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
   c.optim = dict(lr=3e-4, warmup_frac=0.1, b1=0.9, b2=0.95, mu_dtype="bfloat16",  # "": f32
                  weight_decay=1e-5, grad_clip=1.0)
   c.ema_decay = 0.0                    # > 0 keeps, evaluates and saves an EMA of the params
+  c.init_from = ""                     # a workdir or WORKDIR/checkpoints/STEP: weights only
+                                       # (jetformer/warm_start.py), when DIR has no checkpoint
+  c.max_nonfinite_in_a_row = 20        # steps with a non-finite loss or gradient are skipped;
+                                       # this many in a row stop the run
   c.mesh = (("data", 1), ("fsdp", -1))
   c.sharding_rules = (("embed", "fsdp"),)
   c.log_every = 100
@@ -118,7 +122,8 @@ def jetformer_base(*, dataset, image_size, variant="350M", train_split="train",
                    attention_impl=_ATTENTION_IMPL))
   c.objective = dict(text_prefix_prob=1.0, text_loss_weight=1.0, loss_on_prefix=False,
                      cfg_drop_prob=0.1, noise_sigma0=64.0, noise_sigma_final=0.0,
-                     teacher_noise=0.3, frozen_flow=False)
+                     teacher_noise=0.3,
+                     frozen_flow=False)  # True: the adaptor never trains; needs init_from a Jet
   c.caption = dict(num_examples=64, max_len=0, temperature=0.0, top_k=0, batch_size=64,
                    seed=0)               # max_len 0: text.max_len; temperature 0: greedy
   c.batch_size = 2048

@@ -25,7 +25,13 @@ temperature 0.94 for 350M, 2 and 0.93 for 1.3B, set below):
 Ablations of the paper, each one override on the command above:
   no noise curriculum:       --config.objective.noise_sigma0=0
   no factoring out:          --config.model.latent_dim=0          (model all 768 dims)
-  frozen flow:               --config.objective.frozen_flow=True
+  frozen flow:               --config.objective.frozen_flow=True --config.init_from=JET_DIR
+                             (JET_DIR: a Jet trained with the adaptor's shapes, e.g.
+                             python main.py --config=configs/imagenet64_jet.py
+                             --workdir=JET_DIR --config.dataset.name=imagenet2012
+                             --config.dataset.image_size=256 --config.model.ps=16
+                             --config.model.block_depth=4 --config.model.kinds='("channels",)'
+                             ; 6 for the 1.3B)
   learned pre-projection:    --config.model.pre_proj=learned
   PCA pre-projection:        --config.model.pre_proj=pca --config.model.pca_path=pca.npz
                              (make pca.npz with `python -m input_pipeline.pca

@@ -27,6 +27,7 @@ def make(*, lr, total_steps, warmup_frac=0.1, b1=0.9, b2=0.95, mu_dtype=None,
   `weight_decay * schedule(t) / lr` of a kernel, so `weight_decay` is the
   per-step shrink at peak learning rate whatever `lr` is. Top-level parameter
   groups named in `frozen` (e.g. ("jet",)) are never updated, not even decayed.
+  A gradient with a non-finite entry is not applied (optax.apply_if_finite).
   """
   sched = schedule(lr, total_steps, warmup_frac)
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
@@ -37,7 +38,15 @@ def make(*, lr, total_steps, warmup_frac=0.1, b1=0.9, b2=0.95, mu_dtype=None,
       else optax.identity(),
       optax.scale_by_learning_rate(sched),
   )
-  if not frozen:
-    return tx
-  groups = lambda params: {k: "frozen" if k in frozen else "train" for k in params}
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, groups)
+  if frozen:
+    groups = lambda params: {k: "frozen" if k in frozen else "train" for k in params}
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, groups)
+  # A step with a non-finite gradient changes nothing and is counted (`skipped`); the
+  # training loop stops the run after too many in a row, so optax never has to.
+  return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+
+
+def skip_counts(opt_state):
+  """{"skipped_steps": total, "nonfinite_in_a_row": current run} of apply_if_finite's state."""
+  return {"skipped_steps": opt_state.total_notfinite,
+          "nonfinite_in_a_row": opt_state.notfinite_count}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jetformer import objectives, sharding
+from jetformer import objectives, optim, sharding
 from jetformer.models import jet as jet_lib
 from jetformer.models import jetformer as jetformer_lib
 
@@ -84,13 +84,19 @@ def train_step(state, batch, key, *, graphdef, tx, ema_decay, objective, total_s
     progress = state["step"].astype(jnp.float32) / total_steps
     return objectives.loss(model, batch, key, objective, progress)
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  # A non-finite loss with finite gradients is as bad: make the gradients say so, and the
+  # optimizer (optim.make's apply_if_finite) leaves params and its own state unchanged.
+  grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   new = dict(state, step=state["step"] + 1, params=params, opt=opt)
   if "ema" in state:
-    new["ema"] = optax.incremental_update(params, state["ema"], 1 - ema_decay)
+    ema = optax.incremental_update(params, state["ema"], 1 - ema_decay)
+    new["ema"] = jax.tree.map(lambda e, old: jnp.where(opt.last_finite, e, old), ema,
+                              state["ema"])
   metrics["grad_norm"] = optax.global_norm(grads)
+  metrics.update(optim.skip_counts(opt), skipped=~opt.last_finite)
   return new, metrics
 
 

@@ -14,10 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jetformer import checkpoint, generation, objectives, optim, preemption, sharding, steps
+from jetformer import (checkpoint, generation, objectives, optim, preemption, sharding, steps,
+                       warm_start)
 from jetformer.models import gemma
 from jetformer.models import jet as jet_lib
 from jetformer.models import jetformer as jetformer_lib
+
+
+class ConfigError(ValueError):
+  """A config that cannot train as asked; the message says what to change."""
 
 
 def is_jetformer(config):
@@ -81,14 +86,6 @@ def num_train_steps(config, data):
   return int(config.num_epochs * n // config.batch_size)
 
 
-def check_finite(metrics, step):
-  bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(v))}
-  if bad:
-    raise FloatingPointError(
-        f"Non-finite {bad} at step {step}. The last good checkpoint is kept; "
-        "lower optim.lr, raise optim.warmup_frac or check the input data, then rerun.")
-
-
 def make_train_data(config, data):
   ds = config.dataset
   return data.make_train_iterator(
@@ -97,12 +94,29 @@ def make_train_data(config, data):
       flip=ds.flip, worker_count=ds.worker_count, **_text_kwargs(config, data))
 
 
-def log_history(writer, step, history):
-  """Writes the mean train metrics of the steps since the last log; returns a new history."""
+_COUNTERS = ("skipped", "skipped_steps", "nonfinite_in_a_row")  # train_step's skip counts
+
+
+def log_history(writer, step, history, max_in_a_row, last_checkpoint):
+  """Writes the train metrics of the steps since the last log; returns a new history.
+
+  Each metric is the mean over the steps that were not skipped (their loss is
+  the non-finite value that made them skipped), `skipped_steps` the total so far.
+  """
   history = jax.device_get(history)
-  writer.write_scalars(step, {f"train_{k}": float(np.mean([h[k] for h in history]))
-                              for k in history[0]})
-  check_finite(history[-1], step)
+  kept = [h for h in history if not h["skipped"]]
+  scalars = {f"train_{k}": float(np.mean([h[k] for h in kept]))
+             for k in history[0] if k not in _COUNTERS and kept}
+  scalars["train_skipped_steps"] = int(history[-1]["skipped_steps"])
+  writer.write_scalars(step, scalars)
+  in_a_row = max(int(h["nonfinite_in_a_row"]) for h in history)
+  if in_a_row >= max_in_a_row:
+    where = (f"the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None
+             else "no checkpoint was written")
+    raise FloatingPointError(
+        f"{in_a_row} steps in a row had a non-finite loss or gradient (skipped, up to step "
+        f"{step}); {where}. Lower optim.lr, raise optim.warmup_frac or check the input "
+        "data, then rerun; max_nonfinite_in_a_row sets the limit.")
   return []
 
 
@@ -180,6 +194,12 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
     progress: `progress(total_steps)` returns a per-step hook `hook(step)`, e.g.
       `lambda n: clu.periodic_actions.ReportProgress(num_train_steps=n, writer=writer)`.
   """
+  checkpoint.check_writable(workdir)
+  if is_jetformer(config) and config.objective.frozen_flow and not config.init_from:
+    raise ConfigError(
+        "objective.frozen_flow freezes the Jet adaptor, which is the identity when "
+        "initialised: train a Jet of the adaptor's shapes first and pass its workdir as "
+        "--config.init_from (configs/jetformer_imagenet256.py says how).")
   mesh = sharding.make_mesh(config.mesh)
   cfg, total, ds = model_config(config, data), num_train_steps(config, data), config.dataset
   tx = make_optimizer(config, total)
@@ -194,6 +214,8 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
   step, state = checkpoint.restore(mgr, sharding.abstract(abstract_state, shardings), train_iter)
   if state is None:
     state = jax.jit(init, out_shardings=shardings)()
+    if config.init_from:
+      state = warm_start.load(config.init_from, state, shardings)
   logging.info("%s: %d parameters, starting at step %d of %d.",
                type(cfg).__name__.removesuffix("Config"),
                sum(x.size for x in jax.tree.leaves(params)), step, total)
@@ -218,7 +240,8 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
       report(step)
       preempted = watcher.reached(step) and step < total
       if step % config.log_every == 0 or step == total or preempted:
-        history = log_history(writer, step, history)
+        history = log_history(writer, step, history, config.max_nonfinite_in_a_row,
+                              mgr.latest_step())
       if preempted:
         checkpoint.save(mgr, step, state, train_iter, force=True)
         break
@@ -226,8 +249,7 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
         run_eval(step)
       if write_grid and (step % config.sample.every == 0 or step == total):
         write_grid(step, state)
-      if step % config.ckpt_every == 0:
-        check_finite(jax.device_get(metrics), step)
+      if step % config.ckpt_every == 0:  # skipped steps changed nothing: the state is good
         checkpoint.save(mgr, step, state, train_iter, force=True)
     else:
       results = run_eval(step)

@@ -53,9 +53,10 @@ def main_command(workdir, data_dir, *flags):
           f"--config.dataset.data_dir={data_dir}", *flags]
 
 
-def run_main(workdir, data_dir, *flags):
-  """Runs main_command on 2 devices to the end; its log."""
-  out = subprocess.run(main_command(workdir, data_dir, *flags), cwd=ROOT, env=subprocess_env(2),
+def run_main(workdir, data_dir, *flags, devices=2):
+  """Runs main_command on `devices` devices to the end; its log."""
+  out = subprocess.run(main_command(workdir, data_dir, *flags), cwd=ROOT,
+                       env=subprocess_env(devices),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout + out.stderr

@@ -24,7 +24,6 @@ ABLATIONS = {
     "paper_setting": {},
     "no_curriculum": {"objective.noise_sigma0": 0.0},
     "no_factoring_out": {"model.latent_dim": 0},
-    "frozen_flow": {"objective.frozen_flow": True},
     "learned_pre_proj": {"model.pre_proj": "learned"},
     "pca_pre_proj": {"model.pre_proj": "pca"},
     "single_gaussian": {"model.num_mixtures": 1},

@@ -56,7 +56,7 @@ def test_fsdp_step_equals_single_device(tmp_path, dtype):
   sharded, m8, live = one_step(config, mesh, batch)
   kernel = live["params"]["couplings"]["dnn"]["init_proj"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
-  mu = live["opt"][1].mu["couplings"]["dnn"]["init_proj"]["kernel"]  # Adam's first moment
+  mu = live["opt"].inner_state[1].mu["couplings"]["dnn"]["init_proj"]["kernel"]  # Adam's first moment
   assert mu.sharding.spec == kernel.sharding.spec
   assert live["frozen"]["perm"].sharding.is_fully_replicated
   np.testing.assert_allclose(m1["bpd"], m8["bpd"], rtol=1e-6)
