@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from input_pipeline import transforms
-from input_pipeline.sources import open_source
+from input_pipeline.sources import SkipUnreadable, open_source
 
 
 # Pillow's save options for each codec's smallest lossless file.
@@ -43,8 +43,8 @@ def raw_images(name: str, split: str, data_dir: str | None = None, *,
   `image_size` resizes as the pipeline does; needed when sizes vary
   (imagenet2012, image folders).
   """
-  ds = grain.MapDataset.source(open_source(name, split, data_dir))
-  ds = ds.map(transforms.DecodeExample())
+  source = SkipUnreadable(open_source(name, split, data_dir), name, mask_replaced=True)
+  ds = grain.MapDataset.source(source).map(transforms.DecodeExample())
   if image_size is not None:
     ds = ds.map(transforms.ResizeSquare(image_size))
-  return np.stack([example["image"] for example in ds])
+  return np.stack([e["image"] for e in ds if e.get("mask", 1)])  # the unreadable left out

@@ -114,6 +114,7 @@ class SkipUnreadable:
       try:
         example = self._source[i]
       except Exception as e:  # noqa: BLE001 (whatever one bad record raises)
+        last = e
         if i not in self._bad:
           self._bad.add(i)
           logging.warning("Skipped an unreadable example (%d so far): %s: %s: %s",
@@ -123,7 +124,8 @@ class SkipUnreadable:
         example = {**example, "mask": np.float32(0.0)}
       return example
     raise ValueError(f"{self.MAX_IN_A_ROW} examples in a row from {self.where(index)} are "
-                     "unreadable: check the dataset's files.")
+                     f"unreadable, the last with {type(last).__name__}: {last}; check the "
+                     "dataset's files and that this machine can read them.") from last
 
 
 def prepare_offline(name: str, data_dir: str | None) -> None:

@@ -112,9 +112,15 @@ def check_matches(mgr, step, abstract_state, *, what=None, partial=False):
     problems += [f"{k} is there, not here" for k in params_first(saved) if k not in wanted]
   if problems:
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    advice = ("Train in a fresh --workdir, start one from these weights with "
-              "--config.init_from, or rerun with the config this workdir was trained with."
-              if what is None else "Give init_from a checkpoint of a model with these shapes.")
+    if what is not None:
+      advice = "Give init_from a checkpoint of a model with these shapes."
+    elif not any(p.startswith("params/") for p in problems):
+      advice = ("The model matches; the optimizer state does not (another optim setting, or "
+                "an older jetformer): start a fresh --workdir with --config.init_from=this "
+                "workdir to keep the weights.")
+    else:
+      advice = ("Train in a fresh --workdir, start one from these weights with "
+                "--config.init_from, or rerun with the config this workdir was trained with.")
     raise MismatchError(
         f"{what or 'the checkpoint'} (step {step} in {mgr.directory}) does not match this "
         f"config: {'; '.join(problems[:3])}{more}. {advice}")

@@ -249,12 +249,13 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
         run_eval(step)
       if write_grid and (step % config.sample.every == 0 or step == total):
         write_grid(step, state)
-      if step % config.ckpt_every == 0:  # skipped steps changed nothing: the state is good
+      # Not while steps are being skipped: the params may be what makes the loss non-finite.
+      if step % config.ckpt_every == 0 and not jax.device_get(metrics["nonfinite_in_a_row"]):
         checkpoint.save(mgr, step, state, train_iter, force=True)
     else:
-      results = run_eval(step)
-      if mgr.latest_step() != step:
+      if mgr.latest_step() != step:  # before the evaluation: a preemption may come during it
         checkpoint.save(mgr, step, state, train_iter, force=True)
+      results = run_eval(step)
   finally:
     watcher.close()
     mgr.wait_until_finished()

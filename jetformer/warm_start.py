@@ -11,6 +11,7 @@ ablation.
 """
 
 import jax
+import jax.numpy as jnp
 from etils import epath
 
 from jetformer import checkpoint
@@ -35,14 +36,15 @@ def load(path, state, shardings):
   saved = checkpoint.saved_shapes(mgr, step)
   into_adaptor = "jet" in state["params"] and not any(k.startswith("params/jet/") for k in saved)
   place = (lambda tree: tree["jet"]) if into_adaptor else (lambda tree: tree)
-  names = ["params", "frozen"] + (["ema"] if "ema" in state and any(
+  # An adaptor's EMA starts as its params (a frozen flow's never moves), not as the Jet's EMA.
+  names = ["params", "frozen"] + (["ema"] if "ema" in state and not into_adaptor and any(
       k.startswith("ema/") for k in saved) else [])
   target = {n: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             place(state[n]), place(shardings[n])) for n in names}
   checkpoint.check_matches(mgr, step, target, what=f"init_from={path}", partial=True)
   _, weights = checkpoint.restore(mgr, target, step=step, partial=True)
-  if "ema" in state and "ema" not in weights:
-    weights["ema"] = weights["params"]
+  if "ema" in state and "ema" not in weights:  # a copy: the step donates each buffer once
+    weights["ema"] = jax.tree.map(jnp.copy, weights["params"])
   new = dict(state)
   for n, tree in weights.items():
     new[n] = dict(state[n], jet=tree) if into_adaptor else tree

@@ -33,11 +33,13 @@ def test_frozen_flow_trains_around_a_trained_jet_it_never_changes(tmp_path, writ
   data = tmp_path / "data"
   run(local(digits_jet, data, **ADAPTOR_SHAPED), tmp_path / "jet", writer)
   jet = train_state(tmp_path / "jet" / "checkpoints" / "3")
-  config = local(digits_jetformer, data, init_from=str(tmp_path / "jet"),
+  config = local(digits_jetformer, data, init_from=str(tmp_path / "jet"), ema_decay=0.9,
                  **{"objective.frozen_flow": True, "total_steps": 4, "ckpt_every": 4})
   run(config, tmp_path / "jf", writer)
   jf = train_state(tmp_path / "jf" / "checkpoints" / "4")
   jax.tree.map(np.testing.assert_array_equal, jf["params"]["jet"], jet["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               jf["ema"]["jet"], jet["params"])  # the EMA of a constant
   jax.tree.map(np.testing.assert_array_equal, jf["frozen"]["jet"], jet["frozen"])
   counts = [int(v) for path, v in jax.tree_util.tree_leaves_with_path(jf["opt"])
             if jax.tree_util.keystr(path).endswith("['count']")]
