@@ -41,6 +41,11 @@ def manager(workdir, *, save_every, keep, async_save=True, create=True):
   return ocp.CheckpointManager(f"{workdir}/checkpoints", options=options)
 
 
+def reader(workdir):
+  """A manager that only reads `workdir`'s checkpoints (evaluation, init_from)."""
+  return manager(workdir, save_every=1, keep=None, async_save=False, create=False)
+
+
 def save(mgr, step, state, data_iter=None, *, force=False):
   """Saves at `step` when the manager's interval or `force` says so."""
   items = {"state": ocp.args.StandardSave(state)}
@@ -95,15 +100,16 @@ def _input_position(mgr, step):
   return next(iter(sorted(folder.glob("process_0-of-*.json"))), None)
 
 
-def check_matches(mgr, step, abstract_state, *, what=None, partial=False):
+def check_matches(mgr, step, abstract_state, *, what=None, partial=False, saved=None):
   """Raises MismatchError naming the first arrays whose shapes differ from the saved ones.
 
   Batch size, mesh and device count do not enter a saved array's shape, so they
   may change between runs; a model or optimizer setting that does is caught
   here with names, before orbax's per-array error. With `partial`, arrays
-  saved but not asked for are fine.
+  saved but not asked for are fine. `saved`: saved_shapes(mgr, step) if read already.
   """
-  saved, wanted = saved_shapes(mgr, step), _shapes(abstract_state)
+  saved = saved_shapes(mgr, step) if saved is None else saved
+  wanted = _shapes(abstract_state)
   params_first = lambda keys: sorted(keys, key=lambda k: not k.startswith("params/"))
   problems = [f"{k} is {saved[k]} there, {wanted[k]} here" for k in params_first(wanted)
               if k in saved and saved[k] != wanted[k]]

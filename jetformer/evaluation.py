@@ -58,7 +58,7 @@ def restore(config, workdir, step=None, data=None):
   abstract = {"params": params.to_pure_dict(), "frozen": frozen.to_pure_dict()}
   if ema:
     abstract["ema"] = abstract["params"]
-  mgr = checkpoint.manager(workdir, save_every=1, keep=None, async_save=False, create=False)
+  mgr = checkpoint.reader(workdir)
   step, state = checkpoint.restore(mgr, sharding.abstract(abstract, shardings), step=step,
                                    partial=True)
   if state is None:

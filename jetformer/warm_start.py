@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from jetformer import checkpoint
+from jetformer import checkpoint, sharding
 
 
 def source(path):
   """(manager, step) of `path`: a workdir (its latest checkpoint) or WORKDIR/checkpoints/N."""
   p = epath.Path(path)
   workdir, step = (p.parent.parent, int(p.name)) if p.name.isdigit() else (p, None)
-  mgr = checkpoint.manager(workdir, save_every=1, keep=None, async_save=False, create=False)
+  mgr = checkpoint.reader(workdir)
   step = mgr.latest_step() if step is None else step
   if step is None or step not in mgr.all_steps():
     raise checkpoint.MismatchError(
@@ -39,9 +39,9 @@ def load(path, state, shardings):
   # An adaptor's EMA starts as its params (a frozen flow's never moves), not as the Jet's EMA.
   names = ["params", "frozen"] + (["ema"] if "ema" in state and not into_adaptor and any(
       k.startswith("ema/") for k in saved) else [])
-  target = {n: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            place(state[n]), place(shardings[n])) for n in names}
-  checkpoint.check_matches(mgr, step, target, what=f"init_from={path}", partial=True)
+  target = {n: sharding.abstract(place(state[n]), place(shardings[n])) for n in names}
+  checkpoint.check_matches(mgr, step, target, what=f"init_from={path}", partial=True,
+                           saved=saved)
   _, weights = checkpoint.restore(mgr, target, step=step, partial=True)
   if "ema" in state and "ema" not in weights:  # a copy: the step donates each buffer once
     weights["ema"] = jax.tree.map(jnp.copy, weights["params"])
