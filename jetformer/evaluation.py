@@ -6,6 +6,12 @@ go to files in the workdir (and the writer, for TensorBoard). The entry point
 (evaluate.py) passes in the input module and the writer, so that this package
 never imports TensorFlow.
 
+On several hosts every task runs the same command on each: the models and the
+Inception network run over all devices of all hosts, each device on its rows
+of a batch. Every host passes the same prompts and images to a sampler and gets
+all results back; the FID reference set is read in shares, a share per host.
+Only process 0 writes files.
+
   bpd          validation bits/dim (Jet) or bits/subpixel and text NLL (JetFormer)
   sample       a PNG grid and an .npz of samples for the config's classes or prompts
   caption      captions for validation images beside their references (text studies)
@@ -135,10 +141,11 @@ def sample(ctx):
   return {"sample_seconds": time.perf_counter() - start}  # compilation included
 
 
-def validation_batches(ctx, split=None, text=True):
+def validation_batches(ctx, text=True):
   """The whole eval split on every host, in order: numpy batches of image [B, H, W, 3] in
-  [-1, 1], label [B], mask [B] and, for text studies, caption [B] str."""
-  return train.make_eval_data(ctx.config, ctx.data, split=split, text=text, process_index=0,
+  [-1, 1], label [B], mask [B] and, for text studies, caption [B] str. For the few
+  examples that prompt a model: every host passes the same inputs (run_batched)."""
+  return train.make_eval_data(ctx.config, ctx.data, text=text, process_index=0,
                               process_count=1)()
 
 
@@ -232,6 +239,24 @@ def digits(ctx):
   return results
 
 
+def reference_features(ctx, model, split):
+  """Inception pool features [N, 2048] of `split`'s images, on every host.
+
+  Each host reads its rows of every eval batch, and each device computes the
+  features of its slice, so a pod shares the reference set among all chips.
+  """
+  mesh, masks = ctx.restored.mesh, []
+
+  def images():
+    eval_data = train.make_eval_data(ctx.config, ctx.data, split=split, text=False)
+    for local in eval_data():
+      batch = sharding.global_batch(local, mesh)
+      masks.append(batch["mask"])
+      yield batch["image"]
+  pool, _ = fid_lib.inception_features(model, images(), mesh=mesh)
+  return pool[np.concatenate(sharding.to_host(masks)) > 0]
+
+
 def fid_reference(ctx, model):
   """Inception statistics (and features) of the reference split, cached in an .npz."""
   f, ds = ctx.config.fid, ctx.config.dataset
@@ -241,8 +266,7 @@ def fid_reference(ctx, model):
   if path.exists():
     with path.open("rb") as fp:
       return fid_lib.load_reference(fp)
-  images = (b["image"][b["mask"] > 0] for b in validation_batches(ctx, split, text=False))
-  pool, _ = fid_lib.inception_features(model, images)
+  pool = reference_features(ctx, model, split)
   buffer = io.BytesIO()
   reference = fid_lib.save_reference(buffer, pool)
   if jax.process_index() == 0:
@@ -273,10 +297,12 @@ def fid(ctx):
                                 generation.image_options(s), s.temperature)
   pools, logits, chunk = [], [], 16 * s.batch_size                 # samples held at a time
   for i, start in enumerate(range(0, f.num_samples, chunk)):
-    images = generation.run_batched(fn, ctx.weights, [a[start:start + chunk] for a in inputs],
-                                    batch_size=s.batch_size, mesh=r.mesh, seed=s.seed + i)
-    p, l = fid_lib.inception_features(model, np.array_split(
-        generation.to_uint8(images), max(1, len(images) // f.batch_size)))
+    images = generation.to_uint8(generation.run_batched(
+        fn, ctx.weights, [a[start:start + chunk] for a in inputs], batch_size=s.batch_size,
+        mesh=r.mesh, seed=s.seed + i))
+    p, l = fid_lib.inception_features(
+        model, (images[j:j + f.batch_size] for j in range(0, len(images), f.batch_size)),
+        mesh=r.mesh)
     pools.append(p)
     logits.append(l)
   return fid_lib.image_metrics(np.concatenate(pools), np.concatenate(logits), reference, k=f.k)

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 from PIL import Image
 
 from jetformer import sampling, sharding
@@ -114,23 +113,24 @@ def compile_batched(fn, shardings, mesh, num_inputs):
 def run_batched(fn, weights, inputs, *, batch_size, mesh, seed):
   """fn(*weights, key_i, *batch_i) over `inputs` (numpy, same length) in batches.
 
+  Every host passes the same inputs; each device computes its rows of a batch.
   The last batch is padded by repeating its last row; the padding rows are
-  dropped from the result. Returns numpy [len, ...] on every host.
+  dropped from the result. Returns fn's outputs as numpy [len, ...] on every host.
   """
   n, devices = len(inputs[0]), mesh.size
   if batch_size % devices:
     raise ValueError(f"Sampling batch size {batch_size} must be a multiple of the "
                      f"{devices} devices: set --config.sample.batch_size.")
-  batch_sh, outs = sharding.batch_sharding(mesh), []
+  outs = []
   for i, start in enumerate(range(0, n, batch_size)):
     real = min(batch_size, n - start)
     chunk = [np.concatenate([a[start:start + real], np.repeat(a[start + real - 1:][:1],
                                                                batch_size - real, 0)])
              for a in inputs]                                   # each [batch_size, ...]
     out = fn(*weights, jax.random.fold_in(jax.random.key(seed), i),
-             *[jax.device_put(c, batch_sh) for c in chunk])
-    outs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:real])
-  return np.concatenate(outs)
+             *[sharding.put_batch(c, mesh) for c in chunk])
+    outs.append(jax.tree.map(lambda x: x[:real], sharding.to_host(out)))
+  return jax.tree.map(lambda *x: np.concatenate(x), *outs)
 
 
 def to_uint8(images):

@@ -12,7 +12,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 # Names every model in this project uses; a rule for any other name is a typo.
@@ -137,6 +137,18 @@ def batch_sharding(mesh):
 
 def replicated(mesh):
   return NamedSharding(mesh, P())
+
+
+def put_batch(x, mesh):
+  """A numpy array that every host holds whole [B, ...] -> a global jax.Array sharded over
+  the batch; each host places only the rows of its own devices."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda index: x[index])
+
+
+def to_host(tree):
+  """Global jax.Arrays -> numpy on every host (gathered from all hosts)."""
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def global_batch(local_batch, mesh):

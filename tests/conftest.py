@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices, set before JAX is imported anywhere."""
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -60,6 +61,31 @@ def run_main(workdir, data_dir, *flags, devices=2):
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout + out.stderr
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(command, *, devices=1, num_processes=2):
+  """`command` (an argv of main.py or evaluate.py) as `num_processes` processes of
+  `devices` CPU devices each, joined by jax.distributed (gloo); output on stdout."""
+  port = free_port()
+  return [subprocess.Popen(
+      [*command, "--distributed", f"--coordinator_address=localhost:{port}",
+       f"--num_processes={num_processes}", f"--process_id={i}"], cwd=ROOT,
+      env=subprocess_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(num_processes)]
+
+
+def finish_processes(procs, log0=""):
+  """The processes' logs once all exit 0 (`log0`: what was read of process 0's already)."""
+  logs = [log0 + procs[0].communicate(timeout=600)[0]]
+  logs += [p.communicate(timeout=600)[0] for p in procs[1:]]
+  assert [p.returncode for p in procs] == [0] * len(procs), "".join(l[-2000:] for l in logs)
+  return logs
 
 
 def train_state(path):

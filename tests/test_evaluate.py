@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import digits_jet
-from conftest import subprocess_env
+from conftest import finish_processes, start_processes, subprocess_env
 from jetformer import evaluation
 from jetformer.convert import big_vision
 from jetformer.metrics import inception
@@ -56,9 +56,19 @@ def test_evaluate_reproduces_training_on_one_device(tmp_path):
     assert evaluated[name] == pytest.approx(value, abs=1e-4), name
 
 
+def evaluated_files(work, step):
+  """What evaluate.py wrote at `step`: its numbers (less the timing), samples, captions."""
+  numbers = json.loads((work / f"eval_{step}.json").read_text())
+  numbers.pop("sample_seconds")
+  with np.load(work / f"samples_{step}.npz") as f:
+    samples = f["images"]
+  return numbers, samples, (work / f"captions_{step}.jsonl").read_text()
+
+
 @pytest.mark.slow
-def test_evaluate_jetformer_tasks_on_one_device(tmp_path):
-  """A text JetFormer trained on 8 devices: bpd reproduced on 1, and every task's files."""
+def test_evaluate_jetformer_tasks_on_other_meshes_and_two_hosts(tmp_path):
+  """A text JetFormer trained on 8 devices: bpd reproduced on 2, every task's files, and
+  every number, sample, caption and FID feature the same from 2 processes of 1 device."""
   work = tmp_path / "run"
   study = ["--config=configs/digits_jetformer_text.py", f"--workdir={work}",
            "--config.runlocal=True", f"--config.dataset.data_dir={tmp_path / 'data'}",
@@ -68,11 +78,11 @@ def test_evaluate_jetformer_tasks_on_one_device(tmp_path):
   assert "digits_sample_accuracy" in log and (work / "digits_6.png").is_file()
   weights = tmp_path / "inception.npz"    # random weights: the plumbing, not the numbers
   inception.save(inception.from_params(random_inception_params(0)), weights)
-  tasks = ["--tasks=bpd,sample,caption,reconstruct,digits,fid",
+  tasks = ["--config.mesh=(('data',2),('fsdp',1))",
+           "--tasks=bpd,sample,caption,reconstruct,digits,fid",
            f"--config.fid.inception_path={weights}", "--config.fid.num_samples=16",
            "--config.fid.reference_split=validation[:24]", "--config.fid.batch_size=8"]
-  log = run(["evaluate.py", *study, "--config.mesh=(('data',1),('fsdp',1))", *tasks],
-            devices=1)
+  run(["evaluate.py", *study, *tasks], devices=2)
   evaluated = json.loads((work / "eval_6.json").read_text())
   for name, value in trained.items():
     assert evaluated[name] == pytest.approx(value, abs=1e-4), name
@@ -81,7 +91,8 @@ def test_evaluate_jetformer_tasks_on_one_device(tmp_path):
   assert evaluated["fid"] > 0 and 1 <= evaluated["inception_score"] <= 1008
   assert 0 <= evaluated["precision"] <= 1 and 0 <= evaluated["recall"] <= 1
   with np.load(work / "fid_reference_digits_validation__24_.npz") as f:
-    assert f["features"].shape == (24, 2048)
+    reference = f["features"]
+    assert reference.shape == (24, 2048)
   with np.load(work / "samples_6.npz") as f:
     assert f["images"].shape == (10, 8, 16, 16, 3) and f["images"].dtype == np.uint8
     assert list(f["prompts"]) == [f"the digit {i}" for i in range(10)]
@@ -90,6 +101,18 @@ def test_evaluate_jetformer_tasks_on_one_device(tmp_path):
   for name in ("samples", "reconstructions", "digits"):
     assert (work / f"{name}_6.png").stat().st_size > 100, name
   assert any(p.name.startswith("events.out.tfevents") for p in work.iterdir())
+
+  one_host = evaluated_files(work, 6)
+  finish_processes(start_processes([sys.executable, "evaluate.py", *study, *tasks,
+                                    f"--config.fid.reference_path={tmp_path / 'ref2.npz'}"]))
+  two_hosts = evaluated_files(work, 6)
+  assert two_hosts[0].keys() == one_host[0].keys()
+  for name, value in one_host[0].items():
+    assert two_hosts[0][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+  np.testing.assert_array_equal(two_hosts[1], one_host[1])
+  assert two_hosts[2] == one_host[2]
+  with np.load(tmp_path / "ref2.npz") as f:
+    np.testing.assert_allclose(f["features"], reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

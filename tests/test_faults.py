@@ -3,7 +3,6 @@ non-finite steps are skipped and counted, and too many in a row stop the run."""
 
 import functools
 import json
-import os
 import re
 import shutil
 import signal
@@ -16,7 +15,8 @@ import pytest
 
 import input_pipeline
 from configs import common, digits_jet
-from conftest import ROOT, main_command, run_main, subprocess_env, train_state
+from conftest import (ROOT, finish_processes, main_command, run_main, start_processes,
+                      subprocess_env, train_state)
 from jetformer import checkpoint, steps, train
 
 STEPS = 200
@@ -30,18 +30,8 @@ def start(workdir, data_dir, *flags, devices=2):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def start_two(workdir, *, data_dir, port, flags=(), devices=1):
-  """Two main.py processes of `devices` CPU devices each, joined by jax.distributed (gloo)."""
-  return [start(workdir, data_dir, *flags, "--distributed",
-                f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                f"--process_id={i}", devices=devices) for i in range(2)]
-
-
-def finish_two(procs, log0=""):
-  """Both processes' logs once they exit 0 (`log0`: what was read of process 0's already)."""
-  logs = [log0 + procs[0].communicate(timeout=600)[0], procs[1].communicate(timeout=600)[0]]
-  assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-  return logs
+def start_two(workdir, *, data_dir, flags=(), devices=1):
+  return start_processes(main_command(workdir, data_dir, *flags), devices=devices)
 
 
 def read_until_step(proc, step):
@@ -96,16 +86,16 @@ def test_signal_saves_the_step_reached_and_resumes_exactly(tmp_path, uninterrupt
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_saves_both_at_one_step(tmp_path, uninterrupted):
   """JAX's preemption sync: the signalled process tells the other; both save, both resume."""
-  data, port = uninterrupted[1], 20000 + os.getpid() % 20000
+  data = uninterrupted[1]
   two = functools.partial(start_two, data_dir=data,
                           flags=(*FLAGS, "--config.mesh=(('data',2),('fsdp',1))"))
-  finish_two(two(tmp_path / "full", port=port))
-  procs = two(tmp_path / "cut", port=port + 1)
+  finish_processes(two(tmp_path / "full"))
+  procs = two(tmp_path / "cut")
   log0 = read_until_step(procs[0], 20)
   procs[1].send_signal(signal.SIGTERM)
-  steps = {preempted_step(log) for log in finish_two(procs, log0)}
+  steps = {preempted_step(log) for log in finish_processes(procs, log0)}
   assert len(steps) == 1 and saved_steps(tmp_path / "cut") == list(steps)
-  finish_two(two(tmp_path / "cut", port=port + 2))
+  finish_processes(two(tmp_path / "cut"))
   assert_same_final_state(tmp_path / "full", tmp_path / "cut")
 
 
@@ -247,9 +237,8 @@ def test_resume_on_another_mesh_and_host_count(tmp_path):
   for n in (4, 1, "2x2"):
     shutil.copytree(tmp_path / "8" / "checkpoints" / "4", tmp_path / str(n) / "checkpoints" / "4")
     if n == "2x2":
-      port = 20000 + os.getpid() % 20000 + 7
-      logs[n] = finish_two(start_two(tmp_path / n, data_dir=data, port=port, flags=flags,
-                                     devices=2))[0]
+      logs[n] = finish_processes(start_two(tmp_path / n, data_dir=data, flags=flags,
+                                           devices=2))[0]
     else:
       logs[n] = run_main(tmp_path / str(n), data, *flags, devices=n)
     assert "starting at step 4 of 8" in logs[n]

@@ -21,6 +21,7 @@ import scipy.special
 import scipy.stats
 from flax import nnx
 
+from jetformer import sharding
 from jetformer.metrics import convert_inception, fid, inception
 
 
@@ -288,6 +289,14 @@ def test_inception_shapes_determinism_and_converter_round_trip(tmp_path, monkeyp
   pool_u8, _ = fid.inception_features(model, [images[:2], images[2:]])
   assert pool_u8.shape == (3, inception.FEATURES)
   np.testing.assert_allclose(pool_u8[:2], pool, rtol=1e-4, atol=1e-4)
+  # On 8 devices, each computing its rows: numpy batches padded to a multiple of 8, and a
+  # batch already sharded over the mesh.
+  mesh = sharding.make_mesh((("data", 8),))
+  on_mesh = fid.inception_features(model, [images[:2], images[2:]], mesh=mesh)
+  np.testing.assert_allclose(on_mesh[0], pool_u8, rtol=1e-5, atol=1e-5)
+  placed = sharding.put_batch(np.resize(images, (8, *images.shape[1:])), mesh)
+  np.testing.assert_allclose(fid.inception_features(model, [placed], mesh=mesh)[0][:3],
+                             pool_u8, rtol=1e-5, atol=1e-5)
 
   _fake_torch(monkeypatch)
   _write_pth(tmp_path / "pt_inception.pth", _pytorch_fid_names(params), legacy=False)

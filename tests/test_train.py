@@ -1,7 +1,6 @@
 """Training: sharded step == single-device step, main.py resumes exactly where it stopped."""
 
 import functools
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import common, digits_jet
-from conftest import ROOT, run_main, subprocess_env, train_state
+from conftest import (ROOT, finish_processes, run_main, start_processes, subprocess_env,
+                      train_state)
 from jetformer import objectives, optim, sharding, steps, train
 
 def local_config(data_dir, **overrides):
@@ -85,21 +85,15 @@ def test_main_resumes_exactly(tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   """Two processes of 2 CPU devices each (gloo) train the same model as one process of 4."""
-  port = 20000 + os.getpid() % 20000
   flags = ("--config=configs/digits_jet.py", "--config.runlocal=True",
            "--config.total_steps=4", "--config.ckpt_every=4", "--config.eval_every=100",
            f"--config.dataset.data_dir={tmp_path / 'data'}",
            "--config.mesh=(('data',2),('fsdp',2))",
            "--config.model.dtype=float32")  # exact: bfloat16 rounding follows the summation order
-  env = subprocess_env(2)
   run_main(tmp_path / "warm", tmp_path / "data", "--config.total_steps=1")  # prepare data once
-  procs = [subprocess.Popen(
-      [sys.executable, str(ROOT / "main.py"), f"--workdir={tmp_path / 'multi'}", *flags,
-       "--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2",
-       f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  logs = [p.communicate(timeout=600)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+  finish_processes(start_processes(
+      [sys.executable, str(ROOT / "main.py"), f"--workdir={tmp_path / 'multi'}", *flags],
+      devices=2))
   env4 = subprocess_env(4)
   out = subprocess.run([sys.executable, str(ROOT / "main.py"), f"--workdir={tmp_path / 'single'}",
                         *flags], cwd=ROOT, env=env4, capture_output=True, text=True, timeout=600)

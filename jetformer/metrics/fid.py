@@ -1,10 +1,10 @@
 """FID, Inception Score and k-NN precision/recall of Inception features.
 
 The math is numpy on the host, in float64: arrays in, numbers out.
-`inception_features` runs the network (`inception.py`) over image batches,
-and `save_reference` / `load_reference` cache a data set's statistics in an
-.npz with pytorch-fid's key names ('mu', 'sigma'), so files written by
-`python -m pytorch_fid --save-stats` load too.
+`inception_features` runs the network (`inception.py`) over image batches
+sharded over a mesh, and `save_reference` / `load_reference` cache a data
+set's statistics in an .npz with pytorch-fid's key names ('mu', 'sigma'), so
+files written by `python -m pytorch_fid --save-stats` load too.
 """
 
 import dataclasses
@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jetformer import sharding
 
 
 def statistics(features):
@@ -129,26 +131,39 @@ def _forward(graphdef, state, images, fc_bias):
   return nnx.merge(graphdef, state)(images, fc_bias=fc_bias)
 
 
-def inception_features(model, batches, *, fc_bias=False):
-  """(pool features [N, 2048], logits [N, 1008]) as numpy float32 of image batches.
+def _pad(x, size):
+  """numpy [n, ...] -> [size, ...] with zero rows after the n real ones."""
+  return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+
+
+def inception_features(model, batches, *, mesh=None, fc_bias=False):
+  """(pool features [N, 2048], logits [N, 1008]) as numpy float32 on every host.
+
+  Each device of `mesh` (all devices of all hosts) computes its rows of every
+  batch; the features are gathered to every host, which is what the
+  statistics and the k-NN precision/recall need.
 
   Args:
     model: an `inception.InceptionV3`.
-    batches: iterable of [B, H, W, 3] arrays, uint8 in 0..255 or floats in
-      [-1, 1]; a last batch smaller than the first is padded, not recompiled.
+    batches: iterable of global [B, H, W, 3] batches, uint8 in 0..255 or floats
+      in [-1, 1]: numpy arrays that every host holds whole (a batch smaller than
+      the first is padded, not recompiled), or jax.Arrays already sharded over
+      the batch on `mesh`.
+    mesh: the devices to run on; by default this host's first device.
     fc_bias: whether the logits add the fc bias (the Inception Score does not).
   """
+  mesh = mesh or sharding.make_mesh((("data", 1),), jax.local_devices()[:1])
   graphdef, state = nnx.split(model)
+  state = jax.device_put(state, sharding.replicated(mesh))
   pools, logits, size = [], [], None
-  for batch in batches:
-    x = np.asarray(batch)  # [B, H, W, 3]
+  for x in batches:
     n = len(x)
-    size = size or n
-    if n < size:
-      x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
-    p, l = _forward(graphdef, state, x, fc_bias)
-    pools.append(np.asarray(p[:n]))
-    logits.append(np.asarray(l[:n]))
+    if not isinstance(x, jax.Array):
+      size = max(size or 0, -(-n // mesh.size) * mesh.size)   # a multiple of the devices
+      x = sharding.put_batch(_pad(np.asarray(x), size), mesh)
+    p, l = sharding.to_host(_forward(graphdef, state, x, fc_bias))  # jit follows x's sharding
+    pools.append(p[:n])
+    logits.append(l[:n])
   return np.concatenate(pools), np.concatenate(logits)
 
 
