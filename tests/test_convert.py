@@ -1,4 +1,4 @@
-"""big_vision Jet weights reproduce the reference outputs (../shared/testdata)."""
+"""big_vision Jet weights reproduce the reference outputs (tests/testdata)."""
 
 import json
 import pathlib
@@ -9,7 +9,7 @@ import numpy as np
 from jetformer import losses
 from jetformer.convert import big_vision
 
-TESTDATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "testdata"
+TESTDATA = pathlib.Path(__file__).resolve().parent / "testdata"
 
 
 def test_reference_jet_a():

@@ -16,10 +16,10 @@ from conftest import finish_processes, start_processes, subprocess_env
 from jetformer import evaluation
 from jetformer.convert import big_vision
 from jetformer.metrics import inception
-from tests.test_metrics import random_inception_params
+from test_metrics import random_inception_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TESTDATA = ROOT.parent / "shared" / "testdata"
+TESTDATA = pathlib.Path(__file__).resolve().parent / "testdata"
 # digits_jet's model changed into the one of jet_ref_a.json.
 REF_MODEL = dict(depth=4, num_heads=2, num_classes=0,
                  spatial_projs=("checkerboard", "checkerboard-inv"),

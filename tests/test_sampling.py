@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from jetformer import losses, sampling
-from tests.test_jetformer import L, make
+from test_jetformer import L, make
 
 B = 2
 
