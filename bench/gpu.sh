@@ -13,8 +13,8 @@ run() {  # SCRIPT ARGS...
   echo "== $*" | tee -a "$out/bench.txt"
   timeout 240 python3 "$@" 2>&1 | grep -E '^(median step|\{|.*Error)' | tee -a "$out/bench.txt"
 }
-run bench/jet.py --config=J-64 --batch=256
+run -m bench.jet --config=J-64 --batch=256
 for impl in xla cudnn; do
-  run bench/jet.py --config=J-paper --attention_impl=$impl
-  run bench/jetformer.py --config=JF-350M --attention_impl=$impl
+  run -m bench.jet --config=J-paper --attention_impl=$impl
+  run -m bench.jetformer --config=JF-350M --attention_impl=$impl
 done

@@ -1,4 +1,4 @@
-"""Jet train-step throughput: python bench/jet.py --config=J-small [--remat=full].
+"""Jet train-step throughput: python -m bench.jet --config=J-small [--remat=full].
 
 Times the full update (dequantize, flow, bits/dim, backward, clip, Adam) on
 random images, on whatever devices JAX sees. Prints one JSON line at the end.
@@ -11,17 +11,13 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from bench import timing  # noqa: E402
-from jetformer import objectives, optim, steps  # noqa: E402
-from bench.jet_configs import CONFIGS  # noqa: E402
-from jetformer.models import jet as jet_lib  # noqa: E402
+from bench import timing
+from jetformer import objectives, optim, steps
+from bench.jet_configs import CONFIGS
+from jetformer.models import jet as jet_lib
 
 
 def jitted_step(cfg, tx, **jit_kwargs):

@@ -1,4 +1,4 @@
-"""JetFormer train-step throughput: python bench/jetformer.py --config=JF-small.
+"""JetFormer train-step throughput: python -m bench.jetformer --config=JF-small.
 
 Times the full class-conditional update (RGB noise, dequantization, Jet
 adaptor, factoring out, decoder with dropout, GMM and text heads, both losses,
@@ -9,18 +9,14 @@ sees. Prints one JSON line at the end. Needs no TensorFlow.
 import argparse
 import functools
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from bench import timing  # noqa: E402
-from jetformer import objectives, optim, steps  # noqa: E402
-from jetformer.models import gemma  # noqa: E402
-from jetformer.models import jet as jet_lib  # noqa: E402
-from jetformer.models import jetformer as jf  # noqa: E402
+from bench import timing
+from jetformer import objectives, optim, steps
+from jetformer.models import gemma
+from jetformer.models import jet as jet_lib
+from jetformer.models import jetformer as jf
 
 # JF-small: 32x32 images, patch 4 (64 tokens of 48 dims, 32 modelled, 16 factored out).
 CONFIGS = {

@@ -1,4 +1,4 @@
-"""big_vision's Jet train step on this machine: python bench/ref_big_vision.py --big_vision_dir=DIR.
+"""big_vision's Jet train step on this machine: python -m bench.ref_big_vision --big_vision_dir=DIR.
 
 A reference for bench/jet.py's speed goal, timed on the same machine rather
 than taken from elsewhere: the official implementation's model
@@ -7,7 +7,7 @@ than taken from elsewhere: the official implementation's model
 jetformer does not vendor:
 
     git clone https://github.com/google-research/big_vision /tmp/big_vision
-    python bench/ref_big_vision.py --big_vision_dir=/tmp/big_vision --config=J-64
+    python -m bench.ref_big_vision --big_vision_dir=/tmp/big_vision --config=J-64
 
 The step follows big_vision/trainers/proj/jet/train.py's `update_fn`: uniform
 dequantization noise, bits/dim, value_and_grad, an optax update (clipping at
@@ -26,15 +26,13 @@ import os
 import resource
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from bench import timing  # noqa: E402
-from bench.jet_configs import CONFIGS  # noqa: E402
+from bench import timing
+from bench.jet_configs import CONFIGS
 
 
 def bits_per_dim(z, logdet):  # as the trainer's _bits_per_dim, with a scipy-style log pdf

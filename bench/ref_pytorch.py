@@ -1,11 +1,11 @@
-"""The PyTorch port's Jet train step on this machine: python bench/ref_pytorch.py --config=J-64.
+"""The PyTorch port's Jet train step on this machine: python -m bench.ref_pytorch --config=J-64.
 
 A reference for bench/jet.py's speed goal, timed on the same machine rather
 than taken from elsewhere. Runs the port from PyPI in its own environment
 (it is not a dependency of jetformer):
 
     python3.11 -m venv /tmp/ref && /tmp/ref/bin/pip install jet-pytorch==0.0.2 torch einops
-    /tmp/ref/bin/python bench/ref_pytorch.py --config=J-small [--bf16=1] [--compile=1]
+    /tmp/ref/bin/python -m bench.ref_pytorch --config=J-small [--bf16=1] [--compile=1]
 
 The step follows the port's `jet_pytorch/train.py` with one accumulation step:
 uniform dequantization noise, forward, bits/dim, backward, gradient clipping
@@ -19,18 +19,14 @@ CPU its own setting is `--compile=1 --bf16=0`; `--bf16=1` autocasts on the CPU
 import argparse
 import json
 import math
-import os
 import resource
 import statistics
-import sys
 import time
 
 import torch
 from jet_pytorch.jet import Jet  # only the model: jet_pytorch.util needs hub and vision extras
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.jet_configs import CONFIGS  # noqa: E402
+from bench.jet_configs import CONFIGS
 
 
 def make_step(model, forward, size, batch, bf16):

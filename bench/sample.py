@@ -1,4 +1,4 @@
-"""JetFormer image-sampling throughput: python bench/sample.py --config=JF-small --cfg=3.
+"""JetFormer image-sampling throughput: python -m bench.sample --config=JF-small --cfg=3.
 
 Samples `--batch` class-conditional images with the JF-small model of
 bench/jetformer.py (random weights; a random GMM head so that the conditional
@@ -11,20 +11,16 @@ gives 256 tokens. Prints one JSON line at the end. Needs no TensorFlow.
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from bench import jetformer as train_bench  # noqa: E402
-from jetformer import sampling, sharding, steps  # noqa: E402
+from bench import jetformer as train_bench
+from jetformer import sampling, sharding, steps
 
 
 def random_model(cfg):

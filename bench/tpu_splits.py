@@ -1,6 +1,6 @@
 """Jet's coupling splits on a TPU, as gathers or as permutation products, by XLA's cost model.
 
-  python bench/tpu_splits.py [--topology=v5p:2x2x1] [--batch=128]
+  python -m bench.tpu_splits [--topology=v5p:2x2x1] [--batch=128]
 
 jetformer splits a coupling's input with one gather by a flat index
 (`jet.permute`, `permutations.py`); the reference multiplies by a
@@ -16,17 +16,15 @@ batch, and XLA's estimate of each is printed. Needs libtpu
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the topology, run nothing
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from jetformer import aot  # noqa: E402
-from jetformer.models import jet, permutations  # noqa: E402
+from jetformer import aot
+from jetformer.models import jet, permutations
 
 N, D = 256, 48  # imagenet64_jet: 16x16 tokens of 4x4x3 values
 HIGHEST = jax.lax.Precision.HIGHEST
