@@ -88,7 +88,7 @@ def command_line_keys(argv):
 # The offline demos train on CPUs, which have no bfloat16 products (precision.py).
 CPU_DEMO_DTYPE = "float32"
 
-# JetFormer decoder sizes (DESIGN section 2), picked by the studies' `variant` argument.
+# JetFormer decoder sizes (docs/method.md, section 2.3), picked by the studies' `variant` argument.
 DECODERS = {
     "350M": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16, head_dim=64),
     "1.3B": dict(width=1536, depth=48, mlp_dim=6144, num_heads=16, head_dim=96),

@@ -1,4 +1,4 @@
-"""Jet on ImageNet 64x64 (unconditional): the paper-scale study of DESIGN.md section 1.
+"""Jet on ImageNet 64x64 (unconditional): the paper-scale study of docs/method.md, section 1.4.
 
 Trains a 32-coupling Jet (patch size 4, so 256 tokens of 48 values; a 2-block,
 512-wide, 8-head ViT in each coupling; four channel couplings then one spatial

@@ -1,4 +1,4 @@
-"""Image-text JetFormer (DESIGN.md section 2): text-to-image and captioning in one model.
+"""Image-text JetFormer (docs/method.md, section 2): text-to-image and captioning in one model.
 
 Each example is laid out text first ([BOS, caption, BOI, image]: generation) or
 image first ([BOI, image, BOS, caption]: understanding) with probability 1/2;

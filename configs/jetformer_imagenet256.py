@@ -1,4 +1,4 @@
-"""Class-conditional JetFormer on ImageNet 256x256 (DESIGN.md section 2), 350M or 1.3B.
+"""Class-conditional JetFormer on ImageNet 256x256 (docs/method.md, section 2), 350M or 1.3B.
 
 Images are cut into 16x16 patches (256 tokens of 768 values); a 32-coupling Jet
 adaptor (channel couplings, 512 wide, 8 heads, block depth 4 / 6) runs on that

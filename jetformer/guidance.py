@@ -1,4 +1,4 @@
-"""Classifier-free guided sampling from the GMM image head (DESIGN section 2).
+"""Classifier-free guided sampling from the GMM image head (docs/method.md, section 2.6).
 
 Per soft token: pick a component c from the *conditional* weights, then draw
 each dim from the density proportional to p_c(x)^(1+w) / p_u(x)^w. As in

@@ -1,4 +1,4 @@
-"""Likelihood terms, as pure functions of arrays (DESIGN.md section 1)."""
+"""Likelihood terms, as pure functions of arrays (docs/method.md, section 1.4)."""
 
 import jax
 import jax.numpy as jnp

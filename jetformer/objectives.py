@@ -38,7 +38,7 @@ class JetObjective:
 
 @dataclasses.dataclass(frozen=True)
 class JetFormerObjective:
-  """The training-time choices of the JetFormer loss (DESIGN section 2)."""
+  """The training-time choices of the JetFormer loss (docs/method.md, sections 2.1 and 2.5)."""
   text_prefix_prob: float = 1.0     # P(text first): 1 = image generation only
   text_loss_weight: float = 1.0
   loss_on_prefix: bool = False      # also train on the first modality (the condition)

@@ -1,4 +1,6 @@
-"""Sampling from a JetFormer: images given text or a class, text given an image (DESIGN 2).
+"""Sampling from a JetFormer: images given text or a class, text given an image.
+
+The method: docs/method.md, section 2.6.
 
 Images: prefill [BOS, text, BOI] into the decoder's KV cache, then draw the N
 soft tokens one at a time from the GMM head (temperatures; classifier-free

@@ -41,7 +41,7 @@ def num_params(cfg):
 
 
 def expected_params(cfg):
-  """Parameter count by hand (DESIGN.md section 1 with the vit.py layouts)."""
+  """Parameter count by hand (docs/method.md, section 1, with the vit.py layouts)."""
   e, d = cfg.emb_dim, cfg.grid[2]
   n = cfg.grid[0] * cfg.grid[1]
   attention = 4 * (e * e + e)                                  # q, k, v, out (+ biases)

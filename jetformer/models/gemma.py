@@ -1,4 +1,4 @@
-"""A Gemma-v1-style decoder stack: the JetFormer transformer (DESIGN.md section 2).
+"""A Gemma-v1-style decoder stack: the JetFormer transformer (docs/method.md, section 2.3).
 
 Pre-RMSNorm blocks of grouped-query attention (1 KV head = multi-query) with
 RoPE, and a GeGLU MLP; residual dropout; a final RMSNorm. Token embedding and

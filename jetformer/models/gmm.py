@@ -1,4 +1,4 @@
-"""The image head: a mixture of K diagonal Gaussians per soft token (DESIGN section 2).
+"""The image head: a mixture of K diagonal Gaussians per soft token (docs/method.md, section 2.4).
 
 `Head` maps decoder outputs [..., width] to mixture parameters; `log_prob` and
 `sample` work on any leading shape (e.g. [B, N]). K=1 is the single-Gaussian

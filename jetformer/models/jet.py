@@ -1,6 +1,6 @@
 """Jet: a normalizing flow of affine couplings conditioned by ViT blocks.
 
-DESIGN.md section 1. `z, logdet = jet(x)` and `x, logdet = jet.inverse(z)` on
+docs/method.md, section 1. `z, logdet = jet(x)` and `x, logdet = jet.inverse(z)` on
 [B, H, W, C] arrays; couplings are stacked on a leading `layers` axis and run
 with `lax.scan` (or unrolled, for testing), optionally rematerialised.
 """

@@ -1,4 +1,4 @@
-"""JetFormer: a Gemma decoder over text tokens and Jet's soft image tokens (DESIGN section 2).
+"""JetFormer: a Gemma decoder over text tokens and Jet's soft image tokens (docs/method.md, 2).
 
 The image path (`encode`/`decode`) patchifies, optionally pre-projects each
 patch, runs the Jet adaptor on the token grid (ps=1) and splits the latent
