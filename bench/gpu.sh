@@ -9,7 +9,7 @@ set -u
 out=${1:?usage: bash bench/gpu.sh OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-run() {  # SCRIPT ARGS...
+run() {  # -m MODULE ARGS...
   echo "== $*" | tee -a "$out/bench.txt"
   timeout 240 python3 "$@" 2>&1 | grep -E '^(median step|\{|.*Error)' | tee -a "$out/bench.txt"
 }

@@ -44,6 +44,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TESTDATA = ROOT / "tests" / "testdata"   # the big_vision Jet reference (its README)
 
 
 def main_command(workdir, data_dir, *flags):

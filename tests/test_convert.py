@@ -1,15 +1,13 @@
 """big_vision Jet weights reproduce the reference outputs (tests/testdata)."""
 
 import json
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import TESTDATA
 from jetformer import losses
 from jetformer.convert import big_vision
-
-TESTDATA = pathlib.Path(__file__).resolve().parent / "testdata"
 
 
 def test_reference_jet_a():

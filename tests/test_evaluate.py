@@ -1,7 +1,6 @@
 """evaluate.py reproduces training's numbers on another mesh; converted big_vision weights restore."""
 
 import json
-import pathlib
 import re
 import subprocess
 import sys
@@ -12,14 +11,12 @@ import pytest
 from flax import nnx
 
 from configs import digits_jet
-from conftest import finish_processes, start_processes, subprocess_env
+from conftest import ROOT, TESTDATA, finish_processes, start_processes, subprocess_env
 from jetformer import evaluation
 from jetformer.convert import big_vision
 from jetformer.metrics import inception
 from test_metrics import random_inception_params
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TESTDATA = pathlib.Path(__file__).resolve().parent / "testdata"
 # digits_jet's model changed into the one of jet_ref_a.json.
 REF_MODEL = dict(depth=4, num_heads=2, num_classes=0,
                  spatial_projs=("checkerboard", "checkerboard-inv"),

@@ -152,7 +152,8 @@ def inception_features(model, batches, *, mesh=None, fc_bias=False):
     mesh: the devices to run on; by default this host's first device.
     fc_bias: whether the logits add the fc bias (the Inception Score does not).
   """
-  mesh = mesh or sharding.make_mesh((("data", 1),), jax.local_devices()[:1])
+  if mesh is None:
+    mesh = sharding.make_mesh((("data", 1),), jax.local_devices()[:1])
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, sharding.replicated(mesh))
   pools, logits, size = [], [], None
