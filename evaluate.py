@@ -12,17 +12,22 @@ command on every host with main.py's --distributed flags.
 """
 
 import json
+import os
 import sys
 
+# As in main.py: before TensorFlow is imported, its C++ banners silenced.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from clu import metric_writers
 from etils import epath
 from ml_collections import config_flags
 
 import input_pipeline
 from configs import common
-from jetformer import cluster, evaluation
+from jetformer import cluster, console, evaluation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -33,6 +38,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(console.QuietLibraries())
   cluster.initialize()
   config = common.finalize(_CONFIG.value, keep=common.command_line_keys(sys.argv))
   writer = metric_writers.create_default_writer(_WORKDIR.value,

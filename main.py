@@ -5,8 +5,14 @@ Multi-host (TPU pods, several GPU hosts): every host runs the same command
 with --distributed.
 """
 
-import logging as std_logging
+import os
 import sys
+
+# Before clu imports TensorFlow, whose C++ banners (oneDNN, CPU features) say
+# nothing to a user: TensorFlow only decodes images here. Set either variable to
+# see them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import jax
 from absl import app, flags, logging
@@ -15,23 +21,16 @@ from ml_collections import config_flags
 
 import input_pipeline
 from configs import common
-from jetformer import checkpoint, cluster, evaluation, preemption, train
+from jetformer import checkpoint, cluster, console, evaluation, preemption, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every checkpoint step at INFO; keep its warnings only."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  logging.get_absl_handler().addFilter(console.QuietLibraries())
   cluster.initialize()
   logging.info("Process %d of %d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())

@@ -1,4 +1,6 @@
 """Dataset names -> random-access sources: TFDS array_record, folders."""
+import contextlib
+import io
 import logging
 
 import numpy as np
@@ -131,7 +133,12 @@ class SkipUnreadable:
 def prepare_offline(name: str, data_dir: str | None) -> None:
   """Writes a pip-shipped dataset as array_record unless already there."""
   builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
+  if builder.is_prepared():
+    return
+  logging.info("Preparing %s in %s (first use; nothing is downloaded).", name, builder.data_dir)
+  # TFDS prints "Downloading ... Unknown size" and progress bars for a job of seconds.
+  tfds.disable_progress_bar()
+  with contextlib.redirect_stdout(io.StringIO()):
     # No GCS probing: the data is local and the machine may be offline.
     builder.download_and_prepare(
         file_format="array_record",

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jetformer import (checkpoint, generation, objectives, optim, preemption, sharding, steps,
-                       warm_start)
+from jetformer import (checkpoint, console, generation, objectives, optim, preemption, sharding,
+                       steps, warm_start)
 from jetformer.models import gemma
 from jetformer.models import jet as jet_lib
 from jetformer.models import jetformer as jetformer_lib
@@ -216,9 +216,9 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
     state = jax.jit(init, out_shardings=shardings)()
     if config.init_from:
       state = warm_start.load(config.init_from, state, shardings)
-  logging.info("%s: %d parameters, starting at step %d of %d.",
-               type(cfg).__name__.removesuffix("Config"),
-               sum(x.size for x in jax.tree.leaves(params)), step, total)
+  logging.info(console.header(config, type(cfg).__name__.removesuffix("Config"),
+                              sum(x.size for x in jax.tree.leaves(params)), step, total,
+                              mesh, workdir))
   train_fn = compile_train_step(config, graphdef, tx, shardings, mesh, total)
   eval_fn = compile_eval_step(config, graphdef, shardings, mesh)
   report = progress(total)

@@ -73,6 +73,12 @@ def test_main_resumes_exactly(tmp_path):
   flags = ("--config.total_steps=8", "--config.ckpt_every=4", "--config.eval_every=100")
   log = run_main(full, data_dir, *flags)
   assert "Validation bits/dim" in log
+  # What a newcomer sees: what trains, where it goes, progress; no library chatter.
+  assert "Preparing digits in" in log
+  assert f"Workdir {full}: checkpoints every 4 steps; TensorBoard: tensorboard --logdir={full}" in log
+  assert "steps/s" in log and "ETA" in log
+  for noise in ("oneDNN", "Load dataset info", "Generating splits", "OpenCV", "Variant folder"):
+    assert noise not in log, noise
   ckpts = full / "checkpoints"
   assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["4", "8"]
   shutil.copytree(ckpts / "4", resumed / "checkpoints" / "4")  # as if stopped after step 4
