@@ -15,7 +15,8 @@ Only process 0 writes files.
   bpd          validation bits/dim (Jet) or bits/subpixel and text NLL (JetFormer)
   sample       a PNG grid and an .npz of samples for the config's classes or prompts
   caption      captions for validation images beside their references (text studies)
-  reconstruct  original | factored-out dims resampled | RGB noise at sigma0 (JetFormer)
+  reconstruct  original | factored-out dims resampled | RGB noise at sigma0 (JetFormer);
+               original | latent z | Jet^-1(z) (Jet)
   digits       the offline digits demos' scores from a classifier (no external weights)
   fid          FID, Inception Score, precision/recall (user-provided Inception weights)
 """
@@ -191,29 +192,49 @@ def caption(ctx):
 
 
 def reconstruct(ctx):
-  """The paper's picture of what the factored-out dims hold: per validation image, the
-  original, the flow inverse with those dims redrawn from N(0, 1), and the image under
-  the noise curriculum's first RGB noise level."""
+  """JetFormer: the paper's picture of what the factored-out dims hold: per validation
+  image, the original, the flow inverse with those dims redrawn from N(0, 1), and the
+  image under the noise curriculum's first RGB noise level. Jet: the original, its
+  latent z = Jet(x) (shown as z / 3) and Jet^-1(z), which must be the original."""
   config, r = ctx.config, ctx.restored
-  if not train.is_jetformer(config):
-    raise ValueError("The reconstruct task is for JetFormer studies (factored-out dims).")
-  images = validation_examples(ctx, config.sample.per_prompt, text=False)["image"]
+  ex = validation_examples(ctx, config.sample.per_prompt, text=False, keys=("image", "label"))
+  labels = ex.get("label", np.zeros(len(ex["image"]), np.int32))  # unconditional data
+  fn = jetformer_reconstruction(r, config) if train.is_jetformer(config) else jet_round_trip(r)
+  fn = generation.compile_batched(fn, r.shardings, r.mesh, 2)
+  out = generation.run_batched(fn, ctx.weights, [ex["image"], labels],
+                               batch_size=config.sample.batch_size, mesh=r.mesh,
+                               seed=config.sample.seed)
+  out = generation.to_uint8(out).swapaxes(0, 1)                    # [3, n, H, W, 3]
+  save_grid(ctx, "reconstructions", out)
+  if train.is_jetformer(config):
+    mse = np.mean((out[1].astype(np.float64) - out[0]) ** 2)
+    return {"reconstruct_psnr_redrawn": float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))}
+  # Pixel levels by which Jet^-1(Jet(x)) misses x: 0 unless the flow is not invertible.
+  return {"reconstruct_max_error": float(np.abs(out[2].astype(np.int32) - out[0]).max())}
+
+
+def jetformer_reconstruction(r, config):
   sigma0 = config.objective.noise_sigma0
 
-  def fn(params, frozen, key, x):  # x [B, H, W, C] -> [B, 3, H, W, C]
+  def fn(params, frozen, key, x, label):  # x [B, H, W, C] -> [B, 3, H, W, C]
+    del label
     model = nnx.merge(r.graphdef, params, frozen)
     k_deq, k_fac, k_rgb = jax.random.split(key, 3)
     soft, factored, _ = model.encode(losses.dequantize(k_deq, x))
     redrawn = model.decode(soft, jax.random.normal(k_fac, factored.shape))
     return jnp.stack([x, jnp.clip(redrawn, -1, 1), objectives.rgb_noise(k_rgb, x, sigma0)], 1)
+  return fn
 
-  fn = generation.compile_batched(fn, r.shardings, r.mesh, 1)
-  out = generation.run_batched(fn, ctx.weights, [images], batch_size=config.sample.batch_size,
-                               mesh=r.mesh, seed=config.sample.seed)
-  out = generation.to_uint8(out).swapaxes(0, 1)                    # [3, n, H, W, 3]
-  save_grid(ctx, "reconstructions", out)
-  mse = np.mean((out[1].astype(np.float64) - out[0]) ** 2)
-  return {"reconstruct_psnr_redrawn": float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))}
+
+def jet_round_trip(r):
+  def fn(params, frozen, key, x, label):  # x [B, H, W, C] -> [B, 3, H, W, C]
+    del key
+    jet = nnx.merge(r.graphdef, params, frozen)
+    context = objectives.jet_context(jet, label)
+    z, _ = jet(x, context)
+    back, _ = jet.inverse(z, context)
+    return jnp.stack([x, jnp.clip(z / 3, -1, 1), back], 1)
+  return fn
 
 
 def digits(ctx):
