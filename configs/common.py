@@ -11,6 +11,13 @@ ALL_SPATIAL = ("checkerboard", "checkerboard-inv", "vstripes", "vstripes-inv",
                "hstripes", "hstripes-inv")
 
 
+# The Jet paper's ablations (docs/method.md, section 1.6); these are its choices.
+# backbone "cnn": a residual CNN on the token grid instead of the ViT. In spatial
+# couplings with split "pairing" it convolves the folded half-grid, whose
+# neighbours are not the image's; with "masking" it sees the image's grid.
+JET_ABLATIONS = dict(backbone="vit", split="pairing", actnorm=False, invertible_dense=False)
+
+
 def jet_base(*, dataset, image_size, train_split="train", eval_split="validation"):
   """Every key a Jet study has; studies change values, never add keys."""
   c = ml_collections.ConfigDict()
@@ -21,7 +28,7 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
                  kinds=("channels",) * 4 + ("spatial",), channel_projs=("random",),
                  spatial_projs=ALL_SPATIAL, num_classes=0, remat="dots_except_mlp_hidden",
                  scan=True, dtype="bfloat16",  # matmul algorithm (precision.py): TPUs, GPUs
-                 attention_impl=_ATTENTION_IMPL)
+                 attention_impl=_ATTENTION_IMPL, **JET_ABLATIONS)
   c.label_drop_prob = 0.0
   c.batch_size = 1024
   c.num_epochs = 200.0
@@ -47,7 +54,7 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
                   cfg_weight=3.0, t_scale=0.94, t_probs=1.0, temperature=1.0, batch_size=64,
                   seed=0, every=0)         # every > 0: a sample grid to TensorBoard every N steps
   # FID / Inception Score / precision-recall (evaluate.py --tasks=fid): the FID Inception
-  # weights converted by `python -m jetformer.metrics.convert_inception` (README).
+  # weights converted by `python -m jetformer.metrics.convert_inception` (docs/evaluation.md).
   c.fid = dict(inception_path="", num_samples=50_000, reference_split="", reference_path="",
                batch_size=200, k=3)  # reference_split "": dataset.eval_split
   c.final_tasks = ()                   # evaluation tasks main.py runs on the final checkpoint
@@ -114,7 +121,7 @@ def jetformer_base(*, dataset, image_size, variant="350M", train_split="train",
       jet=dict(depth=32, block_depth=4 if variant == "350M" else 6, emb_dim=512, num_heads=8,
                scale_factor=2.0, kinds=("channels",), channel_projs=("random",),
                spatial_projs=ALL_SPATIAL, num_classes=0, remat="full", scan=True,
-               dtype="bfloat16", attention_impl=_ATTENTION_IMPL),
+               dtype="bfloat16", attention_impl=_ATTENTION_IMPL, **JET_ABLATIONS),
       # remat "full": with "dots" the 350M study needs 95.3 GiB per v5p chip at batch 2048
       # on 64 chips, over its 95; "full" 40.7 (1.3B: 44.6) at the same estimated MFU (aot.py).
       decoder=dict(DECODERS[variant], num_kv_heads=1, dropout=0.1, remat="full", scan=True,

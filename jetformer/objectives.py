@@ -141,6 +141,16 @@ def jetformer_loss(model, batch, key, obj, progress):
   return loss, metrics
 
 
+def init_actnorm(model, batch, key, objective):
+  """Glow's data-dependent ActNorm init (Jet.init_actnorm) from one dequantized batch,
+  for a Jet or a JetFormer's adaptor; a no-op for flows without ActNorm."""
+  x = losses.dequantize(key, batch["image"])                     # [B, H, W, C]
+  if isinstance(objective, JetObjective):
+    model.init_actnorm(x, jet_context(model, batch["label"]))
+  else:
+    model.jet.init_actnorm(model.adaptor_input(x)[0])
+
+
 def loss(model, batch, key, objective, progress):
   """(scalar loss, metrics) of the model under `objective` (a Jet- or JetFormerObjective)."""
   if isinstance(objective, JetObjective):

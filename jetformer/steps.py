@@ -100,6 +100,15 @@ def train_step(state, batch, key, *, graphdef, tx, ema_decay, objective, total_s
   return new, metrics
 
 
+def init_actnorm(state, batch, key, *, graphdef, objective):
+  """The fresh state with its ActNorms set from `batch` (objectives.init_actnorm), the
+  EMA too; the optimizer state is untouched (its moments are zeros of the same shapes)."""
+  model = nnx.merge(graphdef, state["params"], state["frozen"])
+  objectives.init_actnorm(model, batch, key, objective)
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  return dict(state, params=params, **({"ema": params} if "ema" in state else {}))
+
+
 def eval_step(params, frozen, batch, key, *, graphdef, objective):
   """{metric: (sum, count)} over the real (unpadded) examples of the batch."""
   return objectives.eval_sums(nnx.merge(graphdef, params, frozen), batch, key, objective)

@@ -150,6 +150,16 @@ def compile_train_step(config, graphdef, tx, shardings, mesh, total_steps):
       donate_argnums=0), mesh)
 
 
+def init_actnorm(config, graphdef, shardings, mesh, data, state):
+  """A fresh state with its ActNorms set from the first training batch (Glow's init)."""
+  batch = sharding.global_batch(next(make_train_data(config, data)), mesh)
+  fn = sharding.on_mesh(jax.jit(
+      functools.partial(steps.init_actnorm, graphdef=graphdef, objective=objective(config)),
+      in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      out_shardings=shardings, donate_argnums=0), mesh)
+  return fn(state, batch, jax.random.key(config.seed))
+
+
 def compile_eval_step(config, graphdef, shardings, mesh):
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return sharding.on_mesh(jax.jit(
@@ -216,6 +226,8 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
     state = jax.jit(init, out_shardings=shardings)()
     if config.init_from:
       state = warm_start.load(config.init_from, state, shardings)
+    elif (cfg.jet if is_jetformer(config) else cfg).actnorm:
+      state = init_actnorm(config, graphdef, shardings, mesh, data, state)
   logging.info(console.header(config, type(cfg).__name__.removesuffix("Config"),
                               sum(x.size for x in jax.tree.leaves(params)), step, total,
                               mesh, workdir))

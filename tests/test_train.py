@@ -33,6 +33,11 @@ def one_step(config, mesh, batch):
   shardings = steps.state_shardings(tx, jax.eval_shape(init), params, frozen,
                                     config.sharding_rules, mesh)
   state = jax.jit(init, out_shardings=shardings)()
+  if cfg.actnorm:
+    state = jax.jit(functools.partial(steps.init_actnorm, graphdef=graphdef,
+                                      objective=objectives.JetObjective()),
+                    out_shardings=shardings)(state, sharding.global_batch(batch, mesh),
+                                             jax.random.key(9))
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, tx=tx, ema_decay=0.9,
                                    objective=objectives.JetObjective(0.5)),
                  out_shardings=(shardings, sharding.replicated(mesh)))
@@ -65,6 +70,22 @@ def test_fsdp_step_equals_single_device(tmp_path, dtype):
                  single, sharded)
   else:  # sharded sums round to bfloat16 a little differently: the gradients agree, not bits
     np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("ablation", [dict(backbone="cnn", split="masking"),
+                                      dict(actnorm=True, invertible_dense=True)])
+def test_jet_ablations_step_sharded_equals_single_device(tmp_path, ablation):
+  config = local_config(tmp_path)
+  with config.unlocked():
+    config.model.update(emb_dim=32, dtype="float32", **ablation)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (8, 16, 16, 3)).astype(np.float32) / 127.5 - 1,
+           "label": rng.integers(0, 10, (8,)).astype(np.int32)}
+  single, m1, _ = one_step(config, sharding.make_mesh([("data", 1), ("fsdp", 1)], jax.devices()[:1]), batch)
+  sharded, m8, _ = one_step(config, sharding.make_mesh([("data", 2), ("fsdp", 4)]), batch)
+  np.testing.assert_allclose(m1["bpd"], m8["bpd"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               single, sharded)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jetformer import sharding
 from jetformer.models import permutations
+from jetformer.models import precision
 from jetformer.models import vit
 
 REMAT_POLICIES = {  # what the backward pass finds saved of each coupling's forward
@@ -56,6 +57,11 @@ class JetConfig:
   scan: bool = True
   dtype: str = "float32"                  # matmul operands of the ViT (precision.py; bf16: no jvp)
   attention_impl: str | None = None       # jax.nn.dot_product_attention's: None (XLA), "cudnn"
+  # The Jet paper's ablations (docs/method.md, section 1.6); the defaults are its choices.
+  backbone: str = "vit"                   # conditioning network: "vit" or "cnn"
+  split: str = "pairing"                  # "pairing" (halves) or "masking" (zeroed half)
+  actnorm: bool = False                   # per-dim affine before each coupling (Glow)
+  invertible_dense: bool = False          # a learned D x D map before each coupling (Glow)
 
   def __post_init__(self):
     h, w, _ = self.image_shape
@@ -65,6 +71,10 @@ class JetConfig:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}: use one of {list(REMAT_POLICIES)}.")
     check_attention_impl(self.attention_impl)
+    if self.backbone not in BACKBONES:
+      raise ValueError(f"backbone={self.backbone!r}: use one of {list(BACKBONES)}.")
+    if self.split not in SPLITS:
+      raise ValueError(f"split={self.split!r}: use one of {SPLITS}.")
 
   @property
   def grid(self):  # (H/ps, W/ps, ps*ps*C)
@@ -81,12 +91,16 @@ def unpatchify(x, ps, h):
 
 
 class DNN(nnx.Module):
-  """Dense -> + posemb -> [cross-attention to context] -> ViT -> zero Dense."""
+  """Dense -> + posemb -> [cross-attention to context] -> ViT -> zero Dense.
 
-  def __init__(self, cfg: JetConfig, *, rngs):
-    nh, nw, d = cfg.grid
+  On the kept values [B, N, din] (din = D/2 when pairing, D when masking), the
+  bias and raw scale [B, N, dout] of the transformed ones.
+  """
+
+  def __init__(self, cfg: JetConfig, din, dout, *, rngs):
+    nh, nw, _ = cfg.grid
     dt, e = jnp.dtype(cfg.dtype), cfg.emb_dim
-    self.init_proj = vit.Dense(d // 2, e, axes=("half_patch", "embed"), rngs=rngs, dtype=dt)
+    self.init_proj = vit.Dense(din, e, axes=(_axis(din, cfg), "embed"), rngs=rngs, dtype=dt)
     self.posemb = vit.param(jax.nn.initializers.normal(1 / np.sqrt(e)), rngs.params(),
                             (1, nh * nw, e), (None, "tokens", "embed"))
     zeros = jax.nn.initializers.zeros
@@ -96,10 +110,10 @@ class DNN(nnx.Module):
     self.vit = vit.Encoder(e, cfg.block_depth, cfg.num_heads, rngs=rngs, dtype=dt,
                            attention_impl=cfg.attention_impl)
     # Scales and shifts: kept float32 (a small product that sets the logdet).
-    self.final_proj = vit.Dense(e, d, axes=("embed", "patch"), rngs=rngs,
+    self.final_proj = vit.Dense(e, 2 * dout, axes=("embed", "patch"), rngs=rngs,
                                 kernel_init=jax.nn.initializers.zeros)
 
-  def __call__(self, x1, context):  # [B, N, D/2] -> 2 x [B, N, D/2]
+  def __call__(self, x1, context):  # [B, N, din] -> 2 x [B, N, dout]
     x = self.init_proj(x1) + self.posemb[...]                           # [B, N, E]
     if self.cross is not None:
       if context is None:
@@ -109,29 +123,163 @@ class DNN(nnx.Module):
     return bias, raw_scale
 
 
+class CNN(nnx.Module):
+  """The convolutional conditioning network of the Jet paper's ablation: on the token
+  grid [nh, nw], a 3x3 convolution to emb_dim, `block_depth` residual blocks
+  (LayerNorm, 3x3 conv, GELU, 3x3 conv), the class embedding added when
+  conditional, and the same zero-initialised Dense as DNN's.
+
+  Same contract as DNN. Pairing in a spatial coupling hands it the folded
+  half-grid ([N, D/2]: token k of the half fills rows 2k and 2k+1), laid out
+  as nh x nw, whose neighbours are not the image's; masking hands it the
+  image's own grid with the transformed tokens zeroed.
+  """
+
+  def __init__(self, cfg: JetConfig, din, dout, *, rngs):
+    self.nh, _, _ = cfg.grid
+    self.dtype, e = jnp.dtype(cfg.dtype), cfg.emb_dim
+    init = jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+    conv = lambda i, o, axes: vit.param(init, rngs.params(), (3, 3, i, o), (None, None) + axes)
+    self.init_conv = conv(din, e, (_axis(din, cfg), "embed"))
+    self.blocks = nnx.List([
+        nnx.Dict(norm=vit.LayerNorm(e, rngs=rngs), conv1=conv(e, e, ("embed", "mlp")),
+                 conv2=conv(e, e, ("mlp", "embed")))
+        for _ in range(cfg.block_depth)])
+    self.final_proj = vit.Dense(e, 2 * dout, axes=("embed", "patch"), rngs=rngs,
+                                kernel_init=jax.nn.initializers.zeros)
+
+  def __call__(self, x1, context):  # [B, N, din] -> 2 x [B, N, dout]
+    grid = einops.rearrange(x1, "B (h w) D -> B h w D", h=self.nh)
+    x = precision.conv(grid, self.init_conv[...], self.dtype)          # [B, h, w, E]
+    if context is not None:
+      x = x + context[:, :, None, :]                                    # [B, 1, 1, E]
+    for block in self.blocks:
+      y = precision.conv(block.norm(x), block.conv1[...], self.dtype)
+      x = x + precision.conv(jax.nn.gelu(y), block.conv2[...], self.dtype)
+    out = self.final_proj(einops.rearrange(x, "B h w E -> B (h w) E"))
+    bias, raw_scale = jnp.split(out, 2, -1)
+    return bias, raw_scale
+
+
+BACKBONES = {"vit": DNN, "cnn": CNN}
+SPLITS = ("pairing", "masking")
+
+
+def _axis(dim, cfg):
+  """The logical name of a conditioning network's input dim: all D values or half."""
+  return "patch" if dim == cfg.grid[2] else "half_patch"
+
+
 def permute(x, perm):
   """x[:, perm] for a permutation `perm` of x's second axis."""
   return x.at[:, perm].get(unique_indices=True, mode="promise_in_bounds")
 
 
+class ActNorm(nnx.Module):
+  """y = (x + bias) * exp(log_scale) per token value [D] (Glow): the identity until
+  `init_from` sets it to standardise a batch, as Glow's data-dependent init does."""
+
+  def __init__(self, d):
+    self.bias = nnx.Param(jnp.zeros((d,)), axes=("patch",))
+    self.log_scale = nnx.Param(jnp.zeros((d,)), axes=("patch",))
+
+  def init_from(self, x):  # x [B, N, D]
+    mean = jnp.mean(x, axis=(0, 1))
+    std = jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=(0, 1)))
+    self.bias[...] = -mean
+    self.log_scale[...] = -jnp.log(std + 1e-6)
+
+  def __call__(self, x, inverse=False):  # [B, N, D] -> [B, N, D], logdet [B]
+    s = self.log_scale[...]
+    y = x * jnp.exp(-s) - self.bias[...] if inverse else (x + self.bias[...]) * jnp.exp(s)
+    logdet = jnp.full((x.shape[0],), x.shape[1] * jnp.sum(s))
+    return y, (-logdet if inverse else logdet)
+
+
+class InvertibleDense(nnx.Module):
+  """y = x @ W per token, W = L (U + diag(exp(log_s))) [D, D] (Glow's LU form, with
+  the permutation left to the coupling's own split): log |det W| = sum(log_s).
+  The identity at initialisation."""
+
+  def __init__(self, d):
+    self.lower = nnx.Param(jnp.zeros((d, d)), axes=("patch", None))   # strict part used
+    self.upper = nnx.Param(jnp.zeros((d, d)), axes=("patch", None))   # strict part used
+    self.log_s = nnx.Param(jnp.zeros((d,)), axes=("patch",))
+
+  def factors(self):
+    d = self.log_s.shape[0]
+    lower = jnp.tril(self.lower[...], -1) + jnp.eye(d)
+    upper = jnp.triu(self.upper[...], 1) + jnp.diag(jnp.exp(self.log_s[...]))
+    return lower, upper
+
+  def __call__(self, x, inverse=False):  # [B, N, D] -> [B, N, D], logdet [B]
+    lower, upper = self.factors()
+    if inverse:  # W^-1 = U^-1 L^-1 by two triangular solves
+      eye = jnp.eye(lower.shape[0])
+      w = jax.scipy.linalg.solve_triangular(
+          upper, jax.scipy.linalg.solve_triangular(lower, eye, lower=True), lower=False)
+    else:
+      w = jnp.matmul(lower, upper, precision=jax.lax.Precision.HIGHEST)
+    # A small float32 map that must invert to round-off: HIGHEST, whatever the policy.
+    y = jnp.einsum("bnd,de->bne", x, w, precision=jax.lax.Precision.HIGHEST)
+    logdet = jnp.full((x.shape[0],), x.shape[1] * jnp.sum(self.log_s[...]))
+    return y, (-logdet if inverse else logdet)
+
+
 class Coupling(nnx.Module):
-  """One affine coupling; the split is a gather by a flat index (permutations.py)."""
+  """[ActNorm ->] [invertible dense ->] one affine coupling, whose split is a gather by a
+  flat index (permutations.py): pairing transforms one half given the other; masking
+  gives the conditioning network the whole grid with the transformed half zeroed."""
 
   def __init__(self, cfg: JetConfig, *, rngs):
-    self.dnn = DNN(cfg, rngs=rngs)
+    d = cfg.grid[2]
+    self.masking = cfg.split == "masking"
+    din, dout = (d, d) if self.masking else (d // 2, d // 2)
+    self.dnn = BACKBONES[cfg.backbone](cfg, din, dout, rngs=rngs)
     self.scale_factor = cfg.scale_factor
+    self.actnorm = ActNorm(d) if cfg.actnorm else None
+    self.dense = InvertibleDense(d) if cfg.invertible_dense else None
 
   def __call__(self, x, perm, inv_perm, context=None, inverse=False):
+    pre = [m for m in (self.actnorm, self.dense) if m is not None]
+    logdet = jnp.zeros((x.shape[0],))
+    for m in ([] if inverse else pre):
+      x, ld = m(x)
+      logdet += ld
+    couple = self.masked if self.masking else self.paired
+    x, ld = couple(x, perm, inv_perm, context, inverse)
+    logdet += ld
+    for m in (reversed(pre) if inverse else []):
+      x, ld = m(x, inverse=True)
+      logdet += ld
+    return x, logdet
+
+  def affine(self, x2, bias, raw_scale, inverse):
+    """x2 moved by the coupling, and the log-determinant of each element."""
+    scale = jax.nn.sigmoid(raw_scale) * self.scale_factor
+    logdet = jax.nn.log_sigmoid(raw_scale) + np.log(self.scale_factor)
+    return (x2 / scale - bias if inverse else (x2 + bias) * scale), logdet
+
+  def paired(self, x, perm, inv_perm, context, inverse):
     b, n, d = x.shape
     flat = permute(x.reshape(b, n * d), perm)                      # [B, N*D]
     x1, x2 = (h.reshape(b, n, d // 2) for h in jnp.split(flat, 2, axis=1))
     bias, raw_scale = self.dnn(x1, context)                        # [B, N, D/2] each
-    scale = jax.nn.sigmoid(raw_scale) * self.scale_factor
-    logdet = jnp.sum(jax.nn.log_sigmoid(raw_scale) + np.log(self.scale_factor), (1, 2))
-    x2 = x2 / scale - bias if inverse else (x2 + bias) * scale
+    x2, logdet = self.affine(x2, bias, raw_scale, inverse)
     flat = jnp.concatenate([x1.reshape(b, -1), x2.reshape(b, -1)], axis=1)
     x = permute(flat, inv_perm).reshape(b, n, d)                   # [B, N, D]
+    logdet = jnp.sum(logdet, (1, 2))
     return x, (-logdet if inverse else logdet)
+
+  def masked(self, x, perm, inv_perm, context, inverse):
+    del inv_perm
+    b, n, d = x.shape
+    # The split's first half (what pairing keeps) stays; the rest is transformed.
+    keep = jnp.zeros((n * d,), bool).at[perm[:n * d // 2]].set(True).reshape(n, d)
+    bias, raw_scale = self.dnn(jnp.where(keep, x, 0.0), context)   # [B, N, D] each
+    moved, logdet = self.affine(x, bias, raw_scale, inverse)
+    logdet = jnp.sum(jnp.where(keep, 0.0, logdet), (1, 2))
+    return jnp.where(keep, x, moved), (-logdet if inverse else logdet)
 
 
 class Jet(nnx.Module):
@@ -167,6 +315,25 @@ class Jet(nnx.Module):
 
   def inverse(self, z, context=None):
     return self._flow(z, context, inverse=True)
+
+  def init_actnorm(self, x, context=None):
+    """Glow's data-dependent init: each coupling's ActNorm set to standardise what reaches
+    it when x [B, H, W, C] flows forward (the layers before it already set)."""
+    if not self.cfg.actnorm:
+      return
+    graphdef, params = nnx.split(self.couplings)
+
+    def body(h, layer):
+      p, perm, inv_perm = layer
+      coupling = nnx.merge(graphdef, p)
+      coupling.actnorm.init_from(h)
+      h, _ = coupling(h, perm, inv_perm, context)
+      return h, (coupling.actnorm.bias[...], coupling.actnorm.log_scale[...])
+
+    h = patchify(x.astype(jnp.float32), self.cfg.ps)                     # [B, N, D]
+    _, (bias, log_scale) = jax.lax.scan(body, h, (params, self.perm[...], self.inv_perm[...]))
+    self.couplings.actnorm.bias[...] = bias                               # [depth, D]
+    self.couplings.actnorm.log_scale[...] = log_scale
 
   def _flow(self, x, context, inverse):  # [B, H, W, C] -> [B, H, W, C], [B]
     cfg = self.cfg

@@ -146,8 +146,8 @@ class JetFormer(nnx.Module):
 
   # --- Image path -------------------------------------------------------------
 
-  def encode(self, x):
-    """x [B, H, W, C] (dequantized) -> soft [B, N, d], factored [B, N, D-d], logdet [B]."""
+  def adaptor_input(self, x):
+    """x [B, H, W, C] -> the Jet adaptor's input grid [B, h, w, D], its logdet so far [B]."""
     cfg = self.cfg
     b, (h, w, d_tok) = x.shape[0], cfg.jet.image_shape
     tokens = patchify(x, cfg.patch_size)                            # [B, N, D]
@@ -155,8 +155,14 @@ class JetFormer(nnx.Module):
     if self.pre_proj is not None:
       tokens, ld = self.pre_proj(tokens)
       logdet = logdet + ld * cfg.num_tokens
-    z, ld = self.jet(tokens.reshape(b, h, w, d_tok))                # [B, h, w, D]
-    z = z.reshape(b, cfg.num_tokens, d_tok)
+    return tokens.reshape(b, h, w, d_tok), logdet
+
+  def encode(self, x):
+    """x [B, H, W, C] (dequantized) -> soft [B, N, d], factored [B, N, D-d], logdet [B]."""
+    cfg = self.cfg
+    grid, logdet = self.adaptor_input(x)
+    z, ld = self.jet(grid)                                          # [B, h, w, D]
+    z = z.reshape(x.shape[0], cfg.num_tokens, -1)
     return z[..., :cfg.soft_dim], z[..., cfg.soft_dim:], logdet + ld
 
   def decode(self, soft, factored):

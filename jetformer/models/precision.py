@@ -38,3 +38,12 @@ def matmul(x, w, dtype=jnp.float32, contract=1):
   dims = ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ()))
   return lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), dims,
                          precision=algorithm(dtype), preferred_element_type=jnp.float32)
+
+
+def conv(x, w, dtype=jnp.float32):
+  """SAME 3x3-style convolution x [B, H, W, I] * w [kh, kw, I, O] -> [B, H, W, O] float32,
+  at `dtype`'s algorithm (as `matmul`)."""
+  return lax.conv_general_dilated(
+      x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=algorithm(dtype),
+      preferred_element_type=jnp.float32)
