@@ -14,11 +14,17 @@ README run on configs/photo_patches_jet.py with --short (the overrides of SHORT)
 """
 
 import argparse
+import os
 import pathlib
 import re
 import shlex
 import subprocess
 import sys
+
+# As in main.py: TensorBoard's event reader imports TensorFlow, whose C++ banners
+# say nothing here.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 C4S1 = '("channels","channels","channels","channels","spatial")'  # the paper's default
 
