@@ -21,6 +21,8 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
+
 # As in main.py: TensorBoard's event reader imports TensorFlow, whose C++ banners
 # say nothing here.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -69,20 +71,32 @@ def command(config, workdir, overrides, extra):
           *flags(overrides), *extra]
 
 
+FINISHED = "Validation bits/dim"  # main.py's last line, printed only when training ended
+
+
 def run_variant(cmd, workdir):
-  """Runs main.py unless the variant finished; its log goes to workdir/log.txt."""
-  log = workdir / "log.txt"
-  if log.exists() and "Validation bits/dim" in log.read_text():
+  """Runs main.py unless the variant finished (log in workdir/log.txt); its status."""
+  log, recorded = workdir / "log.txt", workdir / "cmd.txt"
+  line = shlex.join(cmd[1:])
+  if recorded.exists() and recorded.read_text().strip() != line:
+    sys.exit(f"sweep.py: error: {workdir} holds a run of another command ({recorded}); "
+             "use another --workdir or delete it.")
+  if log.exists() and FINISHED in log.read_text():
     print(f"{workdir.name}: finished before, not rerun", flush=True)
-    return
+    return "done"
   workdir.mkdir(parents=True, exist_ok=True)
-  print(f"{workdir.name}: {shlex.join(cmd[1:])}", flush=True)
+  recorded.write_text(line + "\n")
+  print(f"{workdir.name}: {line}", flush=True)
   with log.open("a") as f:
     rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT,
-                         cwd=pathlib.Path(__file__).parent)
+                         cwd=pathlib.Path(__file__).resolve().parent)
   if rc:
-    sys.exit(f"sweep.py: error: variant {workdir.name} failed (exit {rc}); see {log}. "
-             "Rerun the same command to resume it.")
+    print(f"{workdir.name}: failed (exit {rc}), see {log}", flush=True)
+    return "failed"
+  if FINISHED not in log.read_text():  # e.g. preempted: saved, exited 0, not done
+    print(f"{workdir.name}: stopped before the end; rerun to resume it", flush=True)
+    return "incomplete"
+  return "done"
 
 
 def scalars(workdir, tag):
@@ -99,23 +113,26 @@ def scalars(workdir, tag):
 
 def summary(dir_, variant):
   workdir = dir_ / variant
-  params = re.search(r"\(([\d,]+) parameters\)", (workdir / "log.txt").read_text())
-  speed = scalars(workdir, "steps_per_sec")
+  log = workdir / "log.txt"
+  params = re.search(r"\(([\d,]+) parameters\)", log.read_text() if log.exists() else "")
+  speed = [v for _, v in scalars(workdir, "steps_per_sec")]
+  speed = speed[1:] or speed  # the first report's interval holds the compilation
   return {"val_bpd": scalars(workdir, "val_bpd"),
           "params": int(params.group(1).replace(",", "")) if params else None,
-          "steps_per_sec": sum(v for _, v in speed) / len(speed) if speed else None}
+          "steps_per_sec": float(np.median(speed)) if speed else None}
 
 
 def write_table(path, study, variants, results, cmd):
   lines = [f"# {study}", "", f"    {cmd}", "",
-           "| variant | overrides | final validation bpd | parameters | steps/s |",
-           "| --- | --- | --- | --- | --- |"]
+           "| variant | overrides | status | final validation bpd | parameters | steps/s |",
+           "| --- | --- | --- | --- | --- | --- |"]
   for name, overrides in variants.items():
     r = results[name]
     bpd = f"{r['val_bpd'][-1][1]:.4f} (step {r['val_bpd'][-1][0]})" if r["val_bpd"] else "-"
     params = f"{r['params']:,}" if r["params"] else "-"
     speed = f"{r['steps_per_sec']:.2f}" if r["steps_per_sec"] else "-"
-    lines.append(f"| {name} | `{' '.join(flags(overrides))}` | {bpd} | {params} | {speed} |")
+    lines.append(f"| {name} | `{' '.join(flags(overrides))}` | {r['status']} | {bpd} | "
+                 f"{params} | {speed} |")
   path.write_text("\n".join(lines) + "\n")
 
 
@@ -137,7 +154,8 @@ def write_plot(path, study, results):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--study", required=True, choices=sorted(STUDIES))
-  parser.add_argument("--config", required=True, help="the base study, e.g. configs/imagenet64_jet.py")
+  parser.add_argument("--config", required=True,
+                      help="the base study, e.g. configs/imagenet64_jet.py")
   parser.add_argument("--workdir", required=True, type=pathlib.Path)
   parser.add_argument("--dry_run", action="store_true")
   parser.add_argument("--short", action="store_true",
@@ -147,19 +165,26 @@ def main():
     parser.error(f"unknown arguments {bad}: only --config.KEY=VALUE overrides pass to main.py")
   extra = (flags(SHORT) if args.short else []) + extra
   variants = STUDIES[args.study]
-  for name, overrides in variants.items():
-    cmd = command(args.config, args.workdir / name, overrides, extra)
-    if args.dry_run:
-      print(shlex.join(["python", *cmd[1:]]))
-    else:
-      run_variant(cmd, args.workdir / name)
-  if args.dry_run:
+  if args.dry_run:  # the paths as given: for a cluster's own checkout
+    for name, overrides in variants.items():
+      print(shlex.join(["python", *command(args.config, args.workdir / name, overrides,
+                                           extra)[1:]]))
     return
-  results = {name: summary(args.workdir, name) for name in variants}
+  # main.py runs in the repository: paths given relative to here must still hold there.
+  config_file, colon, variant_arg = args.config.partition(":")
+  config = str(pathlib.Path(config_file).resolve()) + colon + variant_arg
+  workdir = args.workdir.resolve()
+  commands = {name: command(config, workdir / name, overrides, extra)
+              for name, overrides in variants.items()}
+  status = {name: run_variant(cmd, workdir / name) for name, cmd in commands.items()}
+  results = {name: {**summary(workdir, name), "status": status[name]} for name in variants}
   this = shlex.join(["python", "sweep.py", *sys.argv[1:]])
-  write_table(args.workdir / f"{args.study}.md", args.study, variants, results, this)
-  write_plot(args.workdir / f"{args.study}.png", args.study, results)
-  print((args.workdir / f"{args.study}.md").read_text(), flush=True)
+  write_table(workdir / f"{args.study}.md", args.study, variants, results, this)
+  write_plot(workdir / f"{args.study}.png", args.study, results)
+  print((workdir / f"{args.study}.md").read_text(), flush=True)
+  if any(s != "done" for s in status.values()):
+    sys.exit("sweep.py: error: not every variant finished (the table's status column); "
+             "rerun the same command to resume them.")
 
 
 if __name__ == "__main__":

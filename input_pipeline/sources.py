@@ -138,11 +138,16 @@ def prepare_offline(name: str, data_dir: str | None) -> None:
   logging.info("Preparing %s in %s (first use; nothing is downloaded).", name, builder.data_dir)
   # TFDS prints "Downloading ... Unknown size" and progress bars for a job of seconds.
   tfds.disable_progress_bar()
-  with contextlib.redirect_stdout(io.StringIO()):
-    # No GCS probing: the data is local and the machine may be offline.
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  printed = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(printed):
+      # No GCS probing: the data is local and the machine may be offline.
+      builder.download_and_prepare(
+          file_format="array_record",
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except Exception:
+    logging.error("Preparing %s failed; TFDS printed:\n%s", name, printed.getvalue())
+    raise
 
 
 def how_to_prepare(name: str, looked_in: str, root: str) -> str:

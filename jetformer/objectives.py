@@ -91,11 +91,9 @@ def jetformer_terms(model, batch, key, obj, *, progress=1.0, text_first=None, tr
   cfg = model.cfg
   ks = jax.random.split(key, 7)
   text, text_mask = text_inputs(cfg, batch)
-  image, b = batch["image"], text.shape[0]
-  sigma = noise_sigma(progress, obj.noise_sigma0, obj.noise_sigma_final) if train else 0.0
-  if train and (obj.noise_sigma0 or obj.noise_sigma_final):
-    image = rgb_noise(ks[0], image, sigma)
-  soft, factored, logdet = model.encode(losses.dequantize(ks[1], image))  # [B, N, d] ...
+  b = text.shape[0]
+  x, sigma = flow_input(ks[:2], batch["image"], obj, progress, train)
+  soft, factored, logdet = model.encode(x)                        # [B, N, d] ...
   if obj.frozen_flow:
     soft, factored, logdet = jax.lax.stop_gradient((soft, factored, logdet))
   if text_first is None:
@@ -108,7 +106,7 @@ def jetformer_terms(model, batch, key, obj, *, progress=1.0, text_first=None, tr
         ks[5], soft.shape)
   out = model(*drop_prefix(cfg, text, text_mask, drop), inputs, text_first,
               dropout_key=ks[6] if train else None)
-  m = np.prod(image.shape[1:])
+  m = np.prod(x.shape[1:])
   nll_gmm = -jnp.sum(gmm.log_prob(out.image, soft), 1)                    # [B]
   nll_factored = losses.standard_normal_nll(factored)                     # [B]
   logdet_bpd = (logdet / m - losses.LOG_127_5) / np.log(2)
@@ -141,13 +139,24 @@ def jetformer_loss(model, batch, key, obj, progress):
   return loss, metrics
 
 
+def flow_input(keys, image, obj, progress, train):
+  """JetFormer's flow input [B, H, W, C] and the RGB noise level in it: in training, the
+  curriculum's noise at `progress` (keys[0]), then dequantization noise (keys[1])."""
+  k_rgb, k_deq = keys
+  sigma = noise_sigma(progress, obj.noise_sigma0, obj.noise_sigma_final) if train else 0.0
+  if train and (obj.noise_sigma0 or obj.noise_sigma_final):
+    image = rgb_noise(k_rgb, image, sigma)
+  return losses.dequantize(k_deq, image), sigma
+
+
 def init_actnorm(model, batch, key, objective):
-  """Glow's data-dependent ActNorm init (Jet.init_actnorm) from one dequantized batch,
-  for a Jet or a JetFormer's adaptor; a no-op for flows without ActNorm."""
-  x = losses.dequantize(key, batch["image"])                     # [B, H, W, C]
+  """Glow's data-dependent ActNorm init (Jet.init_actnorm) from one batch as the first
+  train step sees it, for a Jet or a JetFormer's adaptor; a no-op without ActNorm."""
   if isinstance(objective, JetObjective):
+    x = losses.dequantize(key, batch["image"])                   # [B, H, W, C]
     model.init_actnorm(x, jet_context(model, batch["label"]))
   else:
+    x, _ = flow_input(jax.random.split(key), batch["image"], objective, 0.0, train=True)
     model.jet.init_actnorm(model.adaptor_input(x)[0])
 
 

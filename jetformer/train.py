@@ -86,12 +86,13 @@ def num_train_steps(config, data):
   return int(config.num_epochs * n // config.batch_size)
 
 
-def make_train_data(config, data):
+def make_train_data(config, data, worker_count=None):
   ds = config.dataset
   return data.make_train_iterator(
       name=ds.name, split=ds.train_split, image_size=ds.image_size,
       global_batch_size=config.batch_size, seed=config.seed, data_dir=ds.data_dir,
-      flip=ds.flip, worker_count=ds.worker_count, **_text_kwargs(config, data))
+      flip=ds.flip, worker_count=ds.worker_count if worker_count is None else worker_count,
+      **_text_kwargs(config, data))
 
 
 _COUNTERS = ("skipped", "skipped_steps", "nonfinite_in_a_row")  # train_step's skip counts
@@ -150,9 +151,15 @@ def compile_train_step(config, graphdef, tx, shardings, mesh, total_steps):
       donate_argnums=0), mesh)
 
 
+def flow_config(cfg):
+  """The JetConfig of a model config: the Jet's own, or a JetFormer's adaptor's."""
+  return cfg if isinstance(cfg, jet_lib.JetConfig) else cfg.jet
+
+
 def init_actnorm(config, graphdef, shardings, mesh, data, state):
   """A fresh state with its ActNorms set from the first training batch (Glow's init)."""
-  batch = sharding.global_batch(next(make_train_data(config, data)), mesh)
+  # One batch: no prefetch workers to start for it.
+  batch = sharding.global_batch(next(make_train_data(config, data, worker_count=0)), mesh)
   fn = sharding.on_mesh(jax.jit(
       functools.partial(steps.init_actnorm, graphdef=graphdef, objective=objective(config)),
       in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
@@ -226,8 +233,9 @@ def train_and_evaluate(config, workdir, *, data, writer, progress):
     state = jax.jit(init, out_shardings=shardings)()
     if config.init_from:
       state = warm_start.load(config.init_from, state, shardings)
-    elif (cfg.jet if is_jetformer(config) else cfg).actnorm:
+    elif flow_config(cfg).actnorm:
       state = init_actnorm(config, graphdef, shardings, mesh, data, state)
+      logging.info("ActNorm layers initialised from the first training batch.")
   logging.info(console.header(config, type(cfg).__name__.removesuffix("Config"),
                               sum(x.size for x in jax.tree.leaves(params)), step, total,
                               mesh, workdir))

@@ -5,6 +5,8 @@ logdet == log |det J| from jax.jacfwd, identity at init, scan == unrolled;
 then in a JetFormer's adaptor and, sharded, in a train step.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,3 +141,12 @@ def test_jetformer_adaptor_with_every_ablation():
   np.testing.assert_allclose(normed.std((0, 1)), 1.0, atol=5e-3)
   soft, factored, _ = model.encode(x)
   np.testing.assert_allclose(model.decode(soft, factored), x, atol=3e-6)
+
+
+@pytest.mark.parametrize("dtype,operand", [("bfloat16", "bf16"), ("float32", "f32")])
+def test_cnn_convolutions_follow_the_precision_policy(dtype, operand):
+  graphdef, state = nnx.split(make_jet(backbone="cnn", dtype=dtype, perturb=0))
+  text = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0]).lower(state, images()).as_text()
+  convs = [line for line in text.splitlines() if "stablehlo.convolution" in line]
+  operands = [re.search(r": \((.*)\) -> tensor", c).group(1).split(", ") for c in convs]
+  assert operands and all(t.endswith(f"x{operand}>") for ts in operands for t in ts), operands

@@ -28,7 +28,7 @@ def test_dry_run_prints_one_main_command_per_variant(tmp_path):
     workdirs = set()
     for line in lines:
       argv = shlex.split(line)
-      assert argv[:3] == ["python", "main.py", "--config=configs/photo_patches_jet.py"]
+      assert argv[:3] == ["python", "main.py", "--config=configs/photo_patches_jet.py"]  # as given
       assert "--config.total_steps=300" in argv
       workdirs.add(next(a for a in argv if a.startswith(f"--workdir={tmp_path}/")))
     assert len(workdirs) == count
@@ -50,8 +50,8 @@ def test_sweep_runs_variants_writes_table_and_plot_and_skips_finished_ones(tmp_p
   out = run()
   assert out.returncode == 0, out.stderr[-3000:]
   table = (tmp_path / "sw" / "masking_pairing_sweep.md").read_text()
-  rows = re.findall(r"^\| (pairing|masking) \| .* \| ([\d.]+) \(step 20\) \| ([\d,]+) \| ([\d.]+) \|$",
-                    table, re.M)
+  rows = re.findall(r"^\| (pairing|masking) \| .* \| done \| ([\d.]+) \(step 20\) \| "
+                    r"([\d,]+) \| ([\d.]+) \|$", table, re.M)
   assert [r[0] for r in rows] == ["pairing", "masking"], table
   assert all(2 < float(r[1]) < 9 for r in rows)
   assert rows[0][2] != rows[1][2]  # masking's networks read and predict all D values
@@ -66,10 +66,17 @@ def test_cnn_actnorm_invertible_dense_train_the_demo_through_main(tmp_path):
          f"--workdir={tmp_path / 'run'}", "--config.runlocal=True",
          f"--config.dataset.data_dir={tmp_path / 'data'}", "--config.model.backbone=cnn",
          "--config.model.actnorm=True", "--config.model.invertible_dense=True"]
-  out = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(2), capture_output=True, text=True,
-                       timeout=600)
+  run = lambda *flags: subprocess.run([*cmd, *flags], cwd=ROOT, env=subprocess_env(2),
+                                      capture_output=True, text=True, timeout=600)
+  out = run()
   assert out.returncode == 0, out.stderr[-3000:]
   log = out.stdout + out.stderr
+  assert "ActNorm layers initialised from the first training batch" in log
   train = [float(v) for v in re.findall(r"train_bpd=([\d.]+)", log)]
   assert train[-1] < train[0] - 0.3, train
   assert re.search(r"Validation bits/dim: Jet [\d.]+", log)
+  # Resumed, the ActNorms keep their trained values: no second data init.
+  out = run("--config.total_steps=24")
+  assert out.returncode == 0, out.stderr[-3000:]
+  log = out.stdout + out.stderr
+  assert "starting at step 20 of 24" in log and "ActNorm layers initialised" not in log

@@ -137,28 +137,38 @@ class CNN(nnx.Module):
 
   def __init__(self, cfg: JetConfig, din, dout, *, rngs):
     self.nh, _, _ = cfg.grid
-    self.dtype, e = jnp.dtype(cfg.dtype), cfg.emb_dim
-    init = jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
-    conv = lambda i, o, axes: vit.param(init, rngs.params(), (3, 3, i, o), (None, None) + axes)
-    self.init_conv = conv(din, e, (_axis(din, cfg), "embed"))
+    dt, e = jnp.dtype(cfg.dtype), cfg.emb_dim
+    self.init_conv = Conv(din, e, (_axis(din, cfg), "embed"), rngs=rngs, dtype=dt)
     self.blocks = nnx.List([
-        nnx.Dict(norm=vit.LayerNorm(e, rngs=rngs), conv1=conv(e, e, ("embed", "mlp")),
-                 conv2=conv(e, e, ("mlp", "embed")))
+        nnx.Dict(norm=vit.LayerNorm(e, rngs=rngs),
+                 conv1=Conv(e, e, ("embed", "mlp"), rngs=rngs, dtype=dt),
+                 conv2=Conv(e, e, ("mlp", "embed"), rngs=rngs, dtype=dt))
         for _ in range(cfg.block_depth)])
     self.final_proj = vit.Dense(e, 2 * dout, axes=("embed", "patch"), rngs=rngs,
                                 kernel_init=jax.nn.initializers.zeros)
 
   def __call__(self, x1, context):  # [B, N, din] -> 2 x [B, N, dout]
     grid = einops.rearrange(x1, "B (h w) D -> B h w D", h=self.nh)
-    x = precision.conv(grid, self.init_conv[...], self.dtype)          # [B, h, w, E]
+    x = self.init_conv(grid)                                            # [B, h, w, E]
     if context is not None:
       x = x + context[:, :, None, :]                                    # [B, 1, 1, E]
     for block in self.blocks:
-      y = precision.conv(block.norm(x), block.conv1[...], self.dtype)
-      x = x + precision.conv(jax.nn.gelu(y), block.conv2[...], self.dtype)
+      x = x + block.conv2(jax.nn.gelu(block.conv1(block.norm(x))))
     out = self.final_proj(einops.rearrange(x, "B h w E -> B (h w) E"))
     bias, raw_scale = jnp.split(out, 2, -1)
     return bias, raw_scale
+
+
+class Conv(nnx.Module):
+  """A 3x3 SAME convolution without bias; `kernel` [3, 3, in, out] (decayed like Dense's)."""
+
+  def __init__(self, din, dout, axes, *, rngs, dtype=jnp.float32):
+    init = jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+    self.kernel = vit.param(init, rngs.params(), (3, 3, din, dout), (None, None) + axes)
+    self.dtype = dtype
+
+  def __call__(self, x):  # [B, h, w, in] -> [B, h, w, out]
+    return precision.conv(x, self.kernel[...], self.dtype)
 
 
 BACKBONES = {"vit": DNN, "cnn": CNN}
@@ -199,7 +209,8 @@ class ActNorm(nnx.Module):
 class InvertibleDense(nnx.Module):
   """y = x @ W per token, W = L (U + diag(exp(log_s))) [D, D] (Glow's LU form, with
   the permutation left to the coupling's own split): log |det W| = sum(log_s).
-  The identity at initialisation."""
+  The identity at initialisation. `lower` and `upper` are stored whole and only
+  their strict triangles used, so D (D + 1) of the parameters counted are idle."""
 
   def __init__(self, d):
     self.lower = nnx.Param(jnp.zeros((d, d)), axes=("patch", None))   # strict part used
@@ -241,18 +252,20 @@ class Coupling(nnx.Module):
     self.dense = InvertibleDense(d) if cfg.invertible_dense else None
 
   def __call__(self, x, perm, inv_perm, context=None, inverse=False):
-    pre = [m for m in (self.actnorm, self.dense) if m is not None]
+    pre = [m for m in (self.actnorm, self.dense) if m is not None]  # applied in this order
+    couple = self.masked if self.masking else self.paired
     logdet = jnp.zeros((x.shape[0],))
-    for m in ([] if inverse else pre):
+    if inverse:
+      x, logdet = couple(x, perm, inv_perm, context, inverse=True)
+      for m in reversed(pre):
+        x, ld = m(x, inverse=True)
+        logdet += ld
+      return x, logdet
+    for m in pre:
       x, ld = m(x)
       logdet += ld
-    couple = self.masked if self.masking else self.paired
-    x, ld = couple(x, perm, inv_perm, context, inverse)
-    logdet += ld
-    for m in (reversed(pre) if inverse else []):
-      x, ld = m(x, inverse=True)
-      logdet += ld
-    return x, logdet
+    x, ld = couple(x, perm, inv_perm, context, inverse=False)
+    return x, logdet + ld
 
   def affine(self, x2, bias, raw_scale, inverse):
     """x2 moved by the coupling, and the log-determinant of each element."""
@@ -272,10 +285,10 @@ class Coupling(nnx.Module):
     return x, (-logdet if inverse else logdet)
 
   def masked(self, x, perm, inv_perm, context, inverse):
-    del inv_perm
+    del perm
     b, n, d = x.shape
-    # The split's first half (what pairing keeps) stays; the rest is transformed.
-    keep = jnp.zeros((n * d,), bool).at[perm[:n * d // 2]].set(True).reshape(n, d)
+    # What pairing keeps, the split's first half, stays; the rest is transformed.
+    keep = (inv_perm < n * d // 2).reshape(n, d)
     bias, raw_scale = self.dnn(jnp.where(keep, x, 0.0), context)   # [B, N, D] each
     moved, logdet = self.affine(x, bias, raw_scale, inverse)
     logdet = jnp.sum(jnp.where(keep, 0.0, logdet), (1, 2))

@@ -41,9 +41,14 @@ def matmul(x, w, dtype=jnp.float32, contract=1):
 
 
 def conv(x, w, dtype=jnp.float32):
-  """SAME 3x3-style convolution x [B, H, W, I] * w [kh, kw, I, O] -> [B, H, W, O] float32,
-  at `dtype`'s algorithm (as `matmul`)."""
+  """SAME convolution x [B, H, W, I] * w [kh, kw, I, O] -> [B, H, W, O] float32.
+
+  lax.conv_general_dilated takes no dot algorithm (it reads one as DEFAULT), so
+  for "bfloat16" the operands are cast and the result accumulates in float32
+  (`preferred_element_type`): the same product as `matmul`'s on accelerators.
+  Unlike `matmul` on XLA:CPU, the rounding to bfloat16 then happens there too.
+  """
+  operand = jnp.bfloat16 if algorithm(dtype) is not None else jnp.float32
   return lax.conv_general_dilated(
-      x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), "SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=algorithm(dtype),
-      preferred_element_type=jnp.float32)
+      x.astype(operand), w.astype(operand), (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
