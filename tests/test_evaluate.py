@@ -87,10 +87,6 @@ def test_evaluate_jetformer_tasks_on_other_meshes_and_two_hosts(tmp_path):
   evaluated = json.loads((work / "eval_6.json").read_text())
   for name, value in trained.items():
     assert evaluated[name] == pytest.approx(value, abs=1e-4), name
-  # The class-conditional flow inverted on its own latents gives back every pixel.
-  run(["evaluate.py", *study, "--tasks=reconstruct"], devices=2)
-  assert json.loads((tmp_path / "run" / "eval_10.json").read_text())["reconstruct_max_error"] == 0
-  assert (tmp_path / "run" / "reconstructions_10.png").stat().st_size > 0
   assert 0 <= evaluated["digits_sample_accuracy"] <= 1
   assert 0 <= evaluated["digits_caption_accuracy"] <= 1
   assert evaluated["fid"] > 0 and 1 <= evaluated["inception_score"] <= 1008
