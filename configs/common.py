@@ -55,8 +55,10 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
                   seed=0, every=0)         # every > 0: a sample grid to TensorBoard every N steps
   # FID / Inception Score / precision-recall (evaluate.py --tasks=fid): the FID Inception
   # weights converted by `python -m jetformer.metrics.convert_inception` (docs/evaluation.md).
+  # floor_split: also score as many real images of this split (not the reference's) against
+  # the reference: the FID, IS and precision/recall of a perfect model at this sample size.
   c.fid = dict(inception_path="", num_samples=50_000, reference_split="", reference_path="",
-               batch_size=200, k=3)  # reference_split "": dataset.eval_split
+               floor_split="", batch_size=200, k=3)  # reference_split "": dataset.eval_split
   c.final_tasks = ()                   # evaluation tasks main.py runs on the final checkpoint
   c.runlocal = False                   # True: apply `local` below (a few minutes on a laptop CPU)
   c.local = dict(model=dict(depth=4, block_depth=1, emb_dim=64, num_heads=2),

@@ -18,10 +18,12 @@ Only process 0 writes files.
   reconstruct  original | factored-out dims resampled | RGB noise at sigma0 (JetFormer);
                original | latent z | Jet^-1(z) (Jet)
   digits       the offline digits demos' scores from a classifier (no external weights)
-  fid          FID, Inception Score, precision/recall (user-provided Inception weights)
+  fid          FID, Inception Score, precision/recall (converted Inception weights),
+               beside the same of real images (config.fid.floor_split)
 """
 
 import dataclasses
+import hashlib
 import io
 import json
 import time
@@ -260,34 +262,66 @@ def digits(ctx):
   return results
 
 
-def reference_features(ctx, model, split):
-  """Inception pool features [N, 2048] of `split`'s images, on every host.
+def _real_images(ctx, split):
+  """Global batches {'image': [B, H, W, 3] pixels 0..255, 'mask', 'digest' [B, 2]} of `split`.
 
-  Each host reads its rows of every eval batch, and each device computes the
-  features of its slice, so a pod shares the reference set among all chips.
+  Each host reads its rows of every eval batch; 'digest' is a hash of each
+  example's pixels, taken on the host that read it.
   """
-  mesh, masks = ctx.restored.mesh, []
+  mesh = ctx.restored.mesh
+  eval_data = train.make_eval_data(ctx.config, ctx.data, split=split, text=False)
+  for local in eval_data():
+    pixels = np.round((local["image"] + 1) * 127.5).astype(np.uint8)  # exact: k / 127.5 - 1
+    digest = [np.frombuffer(hashlib.blake2b(x.tobytes(), digest_size=8).digest(), np.uint32)
+              for x in pixels]
+    yield sharding.global_batch(
+        {"image": pixels, "mask": local["mask"], "digest": np.stack(digest)}, mesh)
+
+
+def images_digest(ctx, split):
+  """Hex digest of `split`'s images in order (the same for any number of hosts)."""
+  h = hashlib.sha256()
+  for batch in _real_images(ctx, split):
+    digest, mask = sharding.to_host((batch["digest"], batch["mask"]))
+    h.update(digest[mask > 0].tobytes())
+  return h.hexdigest()
+
+
+def real_features(ctx, model, split, limit=None):
+  """Inception (pool [N, 2048], logits [N, 1008] or None) of `split`'s first `limit` images.
+
+  Every device computes the features of its slice of each batch, so a pod
+  shares the set among all chips.
+  """
+  masks = []
 
   def images():
-    eval_data = train.make_eval_data(ctx.config, ctx.data, split=split, text=False)
-    for local in eval_data():
-      batch = sharding.global_batch(local, mesh)
+    for batch in _real_images(ctx, split):
       masks.append(batch["mask"])
       yield batch["image"]
-  pool, _ = fid_lib.inception_features(model, images(), mesh=mesh)
-  return pool[np.concatenate(sharding.to_host(masks)) > 0]
+  pool, logits = fid_lib.inception_features(model, images(), mesh=ctx.restored.mesh)
+  keep = np.flatnonzero(np.concatenate(sharding.to_host(masks)) > 0)[:limit]
+  return pool[keep], None if logits is None else logits[keep]
 
 
 def fid_reference(ctx, model):
-  """Inception statistics (and features) of the reference split, cached in an .npz."""
+  """Inception statistics (and features) of the reference split, cached in an .npz.
+
+  The file's name holds a digest of the reference images and of the network
+  (weights and input path): other data or another network give another file.
+  """
   f, ds = ctx.config.fid, ctx.config.dataset
   split = f.reference_split or ds.eval_split
-  path = epath.Path(f.reference_path or epath.Path(ctx.workdir) / "fid_reference_{}_{}.npz"
-                    .format(ds.name, "".join(c if c.isalnum() else "_" for c in split)))
+  if f.reference_path:
+    path = epath.Path(f.reference_path)
+  else:
+    key = f"{images_digest(ctx, split)[:12]}_{inception.fingerprint(model)[:12]}"
+    path = epath.Path(ctx.workdir) / "fid_reference_{}_{}_{}.npz".format(
+        ds.name, "".join(c if c.isalnum() else "_" for c in split), key)
   if path.exists():
     with path.open("rb") as fp:
       return fid_lib.load_reference(fp)
-  pool = reference_features(ctx, model, split)
+  pool, _ = real_features(ctx, model, split)
   buffer = io.BytesIO()
   reference = fid_lib.save_reference(buffer, pool)
   if jax.process_index() == 0:
@@ -309,7 +343,8 @@ def fid_prompts(ctx, count):
 
 def fid(ctx):
   """FID, Inception Score and precision/recall of config.fid.num_samples samples (the
-  config's sampling settings) against the reference split."""
+  config's sampling settings) against the reference split; with config.fid.floor_split,
+  the same of as many real images of that split: the value a perfect model would get."""
   f, s, r = ctx.config.fid, ctx.config.sample, ctx.restored
   model = inception.load(f.inception_path)
   reference = fid_reference(ctx, model)
@@ -326,7 +361,14 @@ def fid(ctx):
         mesh=r.mesh)
     pools.append(p)
     logits.append(l)
-  return fid_lib.image_metrics(np.concatenate(pools), np.concatenate(logits), reference, k=f.k)
+  logits = None if model.fc is None else np.concatenate(logits)
+  results = fid_lib.image_metrics(np.concatenate(pools), logits, reference, k=f.k)
+  if f.floor_split:
+    pool, logits = real_features(ctx, model, f.floor_split, limit=f.num_samples)
+    floor = fid_lib.image_metrics(pool, logits, reference, k=f.k)
+    results.update({f"floor_{k}": v for k, v in floor.items()}, floor_num_images=len(pool))
+  print(f"FID: {results}", flush=True)
+  return results
 
 
 TASKS = {"bpd": bpd, "sample": sample, "caption": caption, "reconstruct": reconstruct,

@@ -82,7 +82,8 @@ def test_evaluate_jetformer_tasks_on_other_meshes_and_two_hosts(tmp_path):
   tasks = ["--config.mesh=(('data',2),('fsdp',1))",
            "--tasks=bpd,sample,caption,reconstruct,digits,fid",
            f"--config.fid.inception_path={weights}", "--config.fid.num_samples=16",
-           "--config.fid.reference_split=validation[:24]", "--config.fid.batch_size=8"]
+           "--config.fid.reference_split=validation[:24]", "--config.fid.batch_size=8",
+           "--config.fid.floor_split=validation[24:48]"]
   run(["evaluate.py", *study, *tasks], devices=2)
   evaluated = json.loads((work / "eval_6.json").read_text())
   for name, value in trained.items():
@@ -91,9 +92,14 @@ def test_evaluate_jetformer_tasks_on_other_meshes_and_two_hosts(tmp_path):
   assert 0 <= evaluated["digits_caption_accuracy"] <= 1
   assert evaluated["fid"] > 0 and 1 <= evaluated["inception_score"] <= 1008
   assert 0 <= evaluated["precision"] <= 1 and 0 <= evaluated["recall"] <= 1
-  with np.load(work / "fid_reference_digits_validation__24_.npz") as f:
+  assert evaluated["floor_num_images"] == 16 and evaluated["floor_fid"] > 0
+  assert 0 <= evaluated["floor_precision"] <= 1 and evaluated["floor_inception_score"] >= 1
+  # The cache file is named by a digest of the reference images and of the network.
+  cached, = work.glob("fid_reference_digits_validation__24__*_*.npz")
+  with np.load(cached) as f:
     reference = f["features"]
     assert reference.shape == (24, 2048)
+  cached.rename(tmp_path / "ref1.npz")
   with np.load(work / "samples_6.npz") as f:
     assert f["images"].shape == (10, 8, 16, 16, 3) and f["images"].dtype == np.uint8
     assert list(f["prompts"]) == [f"the digit {i}" for i in range(10)]
@@ -104,15 +110,14 @@ def test_evaluate_jetformer_tasks_on_other_meshes_and_two_hosts(tmp_path):
   assert any(p.name.startswith("events.out.tfevents") for p in work.iterdir())
 
   one_host = evaluated_files(work, 6)
-  finish_processes(start_processes([sys.executable, "evaluate.py", *study, *tasks,
-                                    f"--config.fid.reference_path={tmp_path / 'ref2.npz'}"]))
+  finish_processes(start_processes([sys.executable, "evaluate.py", *study, *tasks]))
   two_hosts = evaluated_files(work, 6)
   assert two_hosts[0].keys() == one_host[0].keys()
   for name, value in one_host[0].items():
     assert two_hosts[0][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
   np.testing.assert_array_equal(two_hosts[1], one_host[1])
   assert two_hosts[2] == one_host[2]
-  with np.load(tmp_path / "ref2.npz") as f:
+  with np.load(cached) as f:  # the same key from two hosts, each hashing its share
     np.testing.assert_allclose(f["features"], reference, rtol=1e-5, atol=1e-6)
 
 
