@@ -55,8 +55,9 @@ def jet_base(*, dataset, image_size, train_split="train", eval_split="validation
                   seed=0, every=0)         # every > 0: a sample grid to TensorBoard every N steps
   # FID / Inception Score / precision-recall (evaluate.py --tasks=fid): the FID Inception
   # weights converted by `python -m jetformer.metrics.convert_inception` (docs/evaluation.md).
-  # floor_split: also score as many real images of this split (not the reference's) against
-  # the reference: the FID, IS and precision/recall of a perfect model at this sample size.
+  # floor_split: also score as many real images of this split (held out from the reference)
+  # against the reference: what a model drawing fresh images of the data would get at this
+  # sample size. Reading stops after num_samples images.
   c.fid = dict(inception_path="", num_samples=50_000, reference_split="", reference_path="",
                floor_split="", batch_size=200, k=3)  # reference_split "": dataset.eval_split
   c.final_tasks = ()                   # evaluation tasks main.py runs on the final checkpoint

@@ -262,8 +262,9 @@ def digits(ctx):
   return results
 
 
-def _real_images(ctx, split):
-  """Global batches {'image': [B, H, W, 3] pixels 0..255, 'mask', 'digest' [B, 2]} of `split`.
+def _real_images(ctx, split, keys):
+  """Global batches of `keys` of {'image': [B, H, W, 3] pixels 0..255, 'mask' [B],
+  'digest' [B, 2]} of `split`.
 
   Each host reads its rows of every eval batch; 'digest' is a hash of each
   example's pixels, taken on the host that read it.
@@ -272,16 +273,18 @@ def _real_images(ctx, split):
   eval_data = train.make_eval_data(ctx.config, ctx.data, split=split, text=False)
   for local in eval_data():
     pixels = np.round((local["image"] + 1) * 127.5).astype(np.uint8)  # exact: k / 127.5 - 1
-    digest = [np.frombuffer(hashlib.blake2b(x.tobytes(), digest_size=8).digest(), np.uint32)
-              for x in pixels]
-    yield sharding.global_batch(
-        {"image": pixels, "mask": local["mask"], "digest": np.stack(digest)}, mesh)
+    batch = {"image": pixels, "mask": local["mask"]}
+    if "digest" in keys:
+      batch["digest"] = np.stack([
+          np.frombuffer(hashlib.blake2b(x.tobytes(), digest_size=8).digest(), np.uint32)
+          for x in pixels])
+    yield sharding.global_batch({k: batch[k] for k in keys}, mesh)
 
 
 def images_digest(ctx, split):
   """Hex digest of `split`'s images in order (the same for any number of hosts)."""
   h = hashlib.sha256()
-  for batch in _real_images(ctx, split):
+  for batch in _real_images(ctx, split, ("digest", "mask")):
     digest, mask = sharding.to_host((batch["digest"], batch["mask"]))
     h.update(digest[mask > 0].tobytes())
   return h.hexdigest()
@@ -291,16 +294,20 @@ def real_features(ctx, model, split, limit=None):
   """Inception (pool [N, 2048], logits [N, 1008] or None) of `split`'s first `limit` images.
 
   Every device computes the features of its slice of each batch, so a pod
-  shares the set among all chips.
+  shares the set among all chips; reading stops once `limit` images are in.
   """
   masks = []
 
   def images():
-    for batch in _real_images(ctx, split):
-      masks.append(batch["mask"])
+    count = 0
+    for batch in _real_images(ctx, split, ("image", "mask")):
+      masks.append(sharding.to_host(batch["mask"]))
       yield batch["image"]
+      count += int((masks[-1] > 0).sum())
+      if limit is not None and count >= limit:
+        return
   pool, logits = fid_lib.inception_features(model, images(), mesh=ctx.restored.mesh)
-  keep = np.flatnonzero(np.concatenate(sharding.to_host(masks)) > 0)[:limit]
+  keep = np.flatnonzero(np.concatenate(masks) > 0)[:limit]
   return pool[keep], None if logits is None else logits[keep]
 
 
@@ -309,21 +316,28 @@ def fid_reference(ctx, model):
 
   The file's name holds a digest of the reference images and of the network
   (weights and input path): other data or another network give another file.
+  A file named by config.fid.reference_path is checked against the network if
+  it records one (files this task writes do; pytorch-fid's do not).
   """
   f, ds = ctx.config.fid, ctx.config.dataset
   split = f.reference_split or ds.eval_split
+  network = inception.fingerprint(model)
   if f.reference_path:
     path = epath.Path(f.reference_path)
   else:
-    key = f"{images_digest(ctx, split)[:12]}_{inception.fingerprint(model)[:12]}"
-    path = epath.Path(ctx.workdir) / "fid_reference_{}_{}_{}.npz".format(
-        ds.name, "".join(c if c.isalnum() else "_" for c in split), key)
+    path = epath.Path(ctx.workdir) / "fid_reference_{}_{}_{}_{}.npz".format(
+        ds.name, "".join(c if c.isalnum() else "_" for c in split),
+        images_digest(ctx, split)[:12], network[:12])
   if path.exists():
     with path.open("rb") as fp:
-      return fid_lib.load_reference(fp)
+      reference = fid_lib.load_reference(fp)
+    if reference.network not in (None, network):
+      raise ValueError(f"{path} holds the statistics of another FID network than "
+                       f"{f.inception_path}; remove config.fid.reference_path to compute them.")
+    return reference
   pool, _ = real_features(ctx, model, split)
   buffer = io.BytesIO()
-  reference = fid_lib.save_reference(buffer, pool)
+  reference = fid_lib.save_reference(buffer, pool, network=network)
   if jax.process_index() == 0:
     path.write_bytes(buffer.getvalue())
   print(f"FID reference: {len(pool)} images of {ds.name}:{split}, cached in {path}", flush=True)
@@ -344,8 +358,13 @@ def fid_prompts(ctx, count):
 def fid(ctx):
   """FID, Inception Score and precision/recall of config.fid.num_samples samples (the
   config's sampling settings) against the reference split; with config.fid.floor_split,
-  the same of as many real images of that split: the value a perfect model would get."""
-  f, s, r = ctx.config.fid, ctx.config.sample, ctx.restored
+  the same of as many real images of that split: what a model drawing fresh images
+  from the data distribution would get at this sample size."""
+  f = ctx.config.fid
+  if f.floor_split and f.floor_split == (f.reference_split or ctx.config.dataset.eval_split):
+    raise ValueError(f"config.fid.floor_split={f.floor_split!r} is the reference split: "
+                     "name held-out images (e.g. 'validation').")
+  s, r = ctx.config.sample, ctx.restored
   model = inception.load(f.inception_path)
   reference = fid_reference(ctx, model)
   inputs = fid_prompts(ctx, f.num_samples)
@@ -361,12 +380,13 @@ def fid(ctx):
         mesh=r.mesh)
     pools.append(p)
     logits.append(l)
-  logits = None if model.fc is None else np.concatenate(logits)
+  logits = None if model.fc is None else np.concatenate(logits)  # no head: IS left out
   results = fid_lib.image_metrics(np.concatenate(pools), logits, reference, k=f.k)
   if f.floor_split:
-    pool, logits = real_features(ctx, model, f.floor_split, limit=f.num_samples)
-    floor = fid_lib.image_metrics(pool, logits, reference, k=f.k)
-    results.update({f"floor_{k}": v for k, v in floor.items()}, floor_num_images=len(pool))
+    real_pool, real_logits = real_features(ctx, model, f.floor_split, limit=f.num_samples)
+    floor = fid_lib.image_metrics(real_pool, real_logits, reference, k=f.k)
+    results.update({f"floor_{k}": v for k, v in floor.items()},
+                   floor_num_images=len(real_pool))
   print(f"FID: {results}", flush=True)
   return results
 

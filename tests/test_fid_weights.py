@@ -58,6 +58,7 @@ def _torch_features(helper, batches):
         for b in batches])
 
 
+@pytest.mark.slow  # two full Inception passes (torch, JAX) on 80 images: ~1 minute
 def test_converted_network_matches_fid_helper(networks, image_sets):
   helper, model = networks
   assert model.preprocess == "tf" and model.fc is None

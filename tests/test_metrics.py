@@ -8,8 +8,10 @@ network.
 
 import ast
 import pathlib
+import types
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import scipy.linalg
@@ -19,7 +21,7 @@ import torch
 from fid_helper_pytorch import _resample_func
 from flax import nnx
 
-from jetformer import sharding
+from jetformer import evaluation, sharding
 from jetformer.metrics import convert_inception, fid, inception
 
 
@@ -226,6 +228,25 @@ def test_inception_shapes_determinism_and_converter_round_trip(tmp_path):
   np.testing.assert_array_equal(got[1], logits)
 
 
+def test_batches_in_minus_one_one_are_refused():
+  model = inception.from_params(random_inception_params(0))
+  with pytest.raises(ValueError, match=r"\[0, 255\]"):
+    fid.inception_features(model, [np.full((2, 8, 8, 3), -0.5, np.float32)])
+
+
+def test_reference_of_another_network_is_refused(tmp_path):
+  config = ml_collections.ConfigDict({
+      "dataset": {"eval_split": "validation"},
+      "fid": {"reference_path": str(tmp_path / "ref.npz"), "reference_split": "train",
+              "inception_path": "a.npz", "floor_split": "train"}})
+  ctx = types.SimpleNamespace(config=config)
+  with pytest.raises(ValueError, match="floor_split='train' is the reference split"):
+    evaluation.fid(ctx)
+  fid.save_reference(tmp_path / "ref.npz", np.eye(3, 2), network="0" * 64)
+  with pytest.raises(ValueError, match="another FID network"):
+    evaluation.fid_reference(ctx, inception.from_params(random_inception_params(0)))
+
+
 def test_load_without_weights_says_where_to_get_them(tmp_path):
   with pytest.raises(FileNotFoundError, match="--from_fid_helper") as e:
     inception.load(tmp_path / "missing.npz")
@@ -236,6 +257,7 @@ def test_reference_statistics_round_trip(tmp_path):
   x = np.random.default_rng(8).normal(size=(40, 6)).astype(np.float32)
   ref = fid.save_reference(tmp_path / "ref.npz", x)
   got = fid.load_reference(tmp_path / "ref.npz")
+  assert got.network is None
   np.testing.assert_array_equal(got.sigma, ref.sigma)
   np.testing.assert_array_equal(got.features, x)
   metrics = fid.image_metrics(x, np.zeros((40, 3)), got, splits=2)

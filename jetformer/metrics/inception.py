@@ -1,9 +1,10 @@
 """The FID Inception-v3 (TF's 2015-12-05 graph), in NNX, with both ports' input paths.
 
-The network is torchvision's Inception3 with 1008 classes, no auxiliary head,
-and the patches TF's graph needs (average pools that do not count the zero
-padding; max instead of average pooling in the last block's pool branch), as
-in pytorch-fid's `fid_inception_v3()`. Module and branch names are
+The network is torchvision's Inception3 with 1008 classes (or no classifier
+head: see below), no auxiliary head, and the patches TF's graph needs
+(average pools that do not count the zero padding; max instead of average
+pooling in the last block's pool branch), as in pytorch-fid's
+`fid_inception_v3()`. Module and branch names are
 torchvision's, so a state-dict key maps to a parameter path by a fixed rule
 (`convert_inception.py`). Layout is NHWC; BatchNorm runs in inference mode
 with eps 1e-3.
@@ -16,9 +17,9 @@ its weights did (`preprocess`):
                  (x - 128) / 128, so 255 -> 0.992.
   "pytorch_fid"  pytorch-fid: x / 255, bilinear resize with half-pixel centres
                  (F.interpolate, align_corners=False), then 2x - 1.
-The two differ by up to a pixel's shift in the resize and by 0.4% in scale;
-FIDs computed on one path are not comparable with the other's to the last
-digit. fid-helper's network has no classifier head (`classifier=False`), so
+The resizes sample positions (1 - in / out) / 2 input pixels apart (0.47 of a
+pixel for a 16x16 image) and the scales differ by 0.4%: FIDs from one path are
+not comparable with the other's, least for small images. fid-helper's network has no classifier head (`classifier=False`), so
 it gives no Inception Score.
 
 The weights are never downloaded: `load(path)` reads an `.npz` that
@@ -271,7 +272,7 @@ def resize(images):  # [B, H, W, 3] -> [B, 299, 299, 3]
 def _legacy_bilinear(n_in, n_out):
   """[n_out, n_in] weights: output i reads input i * n_in / n_out, the edge repeated."""
   src = np.arange(n_out) * np.float32(n_in / n_out)
-  i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+  i0 = np.floor(src).astype(int)  # < n_in: src <= (n_out - 1) * n_in / n_out
   i1 = np.minimum(i0 + 1, n_in - 1)
   frac = src - i0
   m = np.zeros((n_out, n_in), np.float32)
