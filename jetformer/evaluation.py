@@ -370,18 +370,16 @@ def fid(ctx):
   inputs = fid_prompts(ctx, f.num_samples)
   fn = generation.image_sampler(r.cfg, r.graphdef, r.shardings, r.mesh,
                                 generation.image_options(s), s.temperature)
-  pools, logits, chunk = [], [], 16 * s.batch_size                 # samples held at a time
-  for i, start in enumerate(range(0, f.num_samples, chunk)):
-    images = generation.to_uint8(generation.run_batched(
-        fn, ctx.weights, [a[start:start + chunk] for a in inputs], batch_size=s.batch_size,
-        mesh=r.mesh, seed=s.seed + i))
-    p, l = fid_lib.inception_features(
-        model, (images[j:j + f.batch_size] for j in range(0, len(images), f.batch_size)),
-        mesh=r.mesh)
-    pools.append(p)
-    logits.append(l)
-  logits = None if model.fc is None else np.concatenate(logits)  # no head: IS left out
-  results = fid_lib.image_metrics(np.concatenate(pools), logits, reference, k=f.k)
+  chunk = 16 * s.batch_size                                        # samples held at a time
+
+  def samples():
+    for i, start in enumerate(range(0, f.num_samples, chunk)):
+      images = generation.to_uint8(generation.run_batched(
+          fn, ctx.weights, [a[start:start + chunk] for a in inputs], batch_size=s.batch_size,
+          mesh=r.mesh, seed=s.seed + i))                                # [chunk, H, W, 3]
+      yield from (images[j:j + f.batch_size] for j in range(0, len(images), f.batch_size))
+  pool, logits = fid_lib.inception_features(model, samples(), mesh=r.mesh)
+  results = fid_lib.image_metrics(pool, logits, reference, k=f.k)
   if f.floor_split:
     real_pool, real_logits = real_features(ctx, model, f.floor_split, limit=f.num_samples)
     floor = fid_lib.image_metrics(real_pool, real_logits, reference, k=f.k)

@@ -4,8 +4,8 @@ The network is torchvision's Inception3 with 1008 classes (or no classifier
 head: see below), no auxiliary head, and the patches TF's graph needs
 (average pools that do not count the zero padding; max instead of average
 pooling in the last block's pool branch), as in pytorch-fid's
-`fid_inception_v3()`. Module and branch names are
-torchvision's, so a state-dict key maps to a parameter path by a fixed rule
+`fid_inception_v3()`. Module and branch names are torchvision's, so a
+state-dict key maps to a parameter path by a fixed rule
 (`convert_inception.py`). Layout is NHWC; BatchNorm runs in inference mode
 with eps 1e-3.
 
@@ -19,8 +19,9 @@ its weights did (`preprocess`):
                  (F.interpolate, align_corners=False), then 2x - 1.
 The resizes sample positions (1 - in / out) / 2 input pixels apart (0.47 of a
 pixel for a 16x16 image) and the scales differ by 0.4%: FIDs from one path are
-not comparable with the other's, least for small images. fid-helper's network has no classifier head (`classifier=False`), so
-it gives no Inception Score.
+not comparable with the other's, small images' least of all. fid-helper's
+network has no classifier head (`classifier=False`), so it gives no Inception
+Score.
 
 The weights are never downloaded: `load(path)` reads an `.npz` that
 `python -m jetformer.metrics.convert_inception` writes from a file that came
